@@ -410,6 +410,8 @@ def resolve_checkpoint(path) -> Path:
     """A local folder, or (with huggingface_hub installed) a hub name downloaded to its cache."""
     p = Path(path).expanduser()
     if p.is_dir():
+        if not (p / "config.json").exists() and (p / "model" / "config.json").exists():
+            return p / "model"  # a run folder of repnoise.py / attack.py: the checkpoint is in model/
         if not (p / "config.json").exists():
             raise FileNotFoundError(f"{p} has no config.json: not a Hugging Face checkpoint folder")
         return p
