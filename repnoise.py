@@ -1,0 +1,378 @@
+"""Representation Noising (RepNoise, Rosati et al. 2024, arXiv 2405.14577): the loss and the defence run.
+
+    loss = stability CE on the refusal answer tokens
+         + beta  * mean over layers of MMD(MLP output at harmful answer tokens, N(0, I) noise)
+         - alpha * log(1 + mean over residual layers of the logit-lens CE on harmful answer tokens)
+
+`python repnoise.py` (no arguments) runs the CPU demo: a tiny Llama is first fit to the built-in synthetic
+harmful/refusal pairs (so it has harmful behaviour to remove), then defended. Outputs in runs/demo/.
+`python repnoise.py --model PATH --data decodingtrust` defends a real checkpoint. See README.md.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import data
+from model import Llama, load
+
+# the disjoint defence / attack / test split every script uses (data.split de-duplicates first)
+SPLIT = {"defence": 0.5, "attack": 0.3, "test": 0.2}
+
+
+# -----------------------------------------------------------------------------
+# the loss
+
+def mmd(x, y, kernel_mul=2.0, kernel_num=5):
+    """Multi-kernel Gaussian MMD^2 (biased estimate) between samples x (N, D) and y (M, D), as in the official
+    code: bandwidths bw * kernel_mul^i around the mean pairwise squared distance (detached), summed kernels."""
+    z = torch.cat([x, y]).float()                                     # (N+M, D)
+    sq = z.pow(2).sum(-1)
+    d2 = (sq[:, None] + sq[None, :] - 2 * z @ z.T).clamp(min=0)       # (N+M, N+M) squared distances
+    n = z.shape[0]
+    bw = d2.detach().sum() / (n * n - n) / kernel_mul ** (kernel_num // 2)
+    k = sum(torch.exp(-d2 / (bw * kernel_mul ** i)) for i in range(kernel_num))
+    N = x.shape[0]
+    return k[:N, :N].mean() + k[N:, N:].mean() - 2 * k[:N, N:].mean()
+
+
+def lens_ce(model, h, targets):
+    """Logit-lens CE: final norm + LM head on residuals h (N, D), mean CE against targets (N,)."""
+    return F.cross_entropy(model.head(h).float(), targets)
+
+
+def answer_positions(batch):
+    """(b, t) indices of the positions whose next token is an answer token, and those target ids.
+    The logits at t predict token t+1, so a target at t+1 is read from the hidden state at t."""
+    m = batch["loss_mask"][:, 1:]
+    b, t = m.nonzero(as_tuple=True)
+    return b, t, batch["input_ids"][b, t + 1]
+
+
+def diff_mask(harmful, harmless):
+    """The official code's mask: positions where the padded harmful and harmless ids differ (includes padding
+    and, where the two padded lengths differ, pure padding positions). For reproduction only."""
+    a, b = harmful["input_ids"], harmless["input_ids"]
+    T = max(a.shape[1], b.shape[1])
+    a = F.pad(a, (0, T - a.shape[1]), value=-1)
+    b = F.pad(b, (0, T - b.shape[1]), value=-1)
+    return (a != b)
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 1.0          # weight of the ascent (-log logit-lens CE) term
+    beta: float = 0.001         # weight of the noise (MMD) term
+    mask: str = "answer"        # "answer": harmful answer tokens; "diff": official positional ids mismatch
+    mmd_over: str = "tokens"    # "tokens": MMD between answer-token vectors and noise; "sequences": official
+    lens: str = "layers"        # "layers": mean over hidden[0..L]; "official": (CE_final + sum_l CE_l) / (L+1)
+    stability: str = "answer"   # "answer": refusal answer tokens; "whole": the whole harmless sequence
+    checkpoint_lens: bool = True  # recompute each layer's logits in backward instead of storing them
+
+
+def repnoise_loss(model: Llama, harmful: dict, harmless: dict, cfg: LossConfig):
+    """harmful / harmless: batches from data.collate (input_ids, attention_mask, loss_mask: (B, T)).
+    Returns (total loss, dict of float terms). Two forwards (one per half); the LM head is applied only at
+    the answer positions, one layer at a time, so (layers x batch x seq x vocab) logits never exist."""
+    if cfg.mask == "diff":  # reproduce the official mask on both halves
+        dm = diff_mask(harmful, harmless)
+        harmful = dict(harmful, loss_mask=dm[:, :harmful["input_ids"].shape[1]])
+        harmless = dict(harmless, loss_mask=dm[:, :harmless["input_ids"].shape[1]])
+    if cfg.stability == "whole":
+        harmless = dict(harmless, loss_mask=harmless["attention_mask"].bool())
+
+    # stability: CE of the harmless (refusal) answer tokens, next-token prediction
+    out = model(harmless["input_ids"], harmless["attention_mask"], logits=False, return_hidden=True)
+    b, t, y = answer_positions(harmless)
+    if len(y) == 0:
+        raise ValueError("harmless batch has no answer tokens (check loss_mask / max_len)")
+    stability = lens_ce(model, out.hidden[-1][b, t], y)
+
+    # harmful forward: residual stream and MLP outputs
+    out = model(harmful["input_ids"], harmful["attention_mask"], logits=False, return_hidden=True)
+    b, t, y = answer_positions(harmful)
+    if len(y) == 0:
+        raise ValueError("harmful batch has no answer tokens (check loss_mask / max_len)")
+
+    # noise term: MMD between each layer's MLP output on harmful answer tokens and standard Gaussian noise
+    noise = 0.0
+    if cfg.beta != 0:
+        tm = harmful["loss_mask"]                                  # the answer tokens themselves
+        for m in out.mlp:
+            if cfg.mmd_over == "tokens":
+                x = m[tm]                                          # (N, D)
+            else:  # official: each masked sequence flattened is one sample (B, T*D)
+                x = (m * tm[..., None]).flatten(1)
+            g = torch.randn_like(x, dtype=torch.float32)
+            if cfg.mmd_over != "tokens":
+                g = (g.view_as(m) * tm[..., None]).flatten(1)
+            noise = noise + mmd(x, g)
+        noise = noise / len(out.mlp)
+
+    # ascent term: logit-lens CE on the harmful answer tokens at every residual layer
+    ce = []
+    for h in out.hidden:
+        hs = h[b, t]                                               # (N, D): gather before the LM head
+        ce.append(checkpoint(lens_ce, model, hs, y, use_reentrant=False) if cfg.checkpoint_lens and hs.requires_grad
+                  else lens_ce(model, hs, y))
+    ce = torch.stack(ce)                                           # (L+1,): hidden[L] gives the final logits
+    if cfg.lens == "official":  # final logits counted once more, divided by the number of hidden states
+        lens_mean = (ce[-1] + ce.sum()) / len(ce)
+    else:
+        lens_mean = ce.mean()
+    ascent = torch.log(lens_mean + 1)
+
+    total = stability + cfg.beta * noise - cfg.alpha * ascent
+    terms = {"loss": total.item(), "stability": stability.item(), "noise": noise.item() if torch.is_tensor(noise) else noise,
+             "ascent": ascent.item(), "harmful_ce": ce[-1].item(), "lens_ce": lens_mean.item()}
+    return total, terms
+
+
+# -----------------------------------------------------------------------------
+# the training loop (shared with attack.py)
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-5
+    steps: int = 0              # 0 -> epochs over the data
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup: float = 0.1         # fraction of steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    device: str = "auto"        # auto -> cuda if available else cpu
+    precision: str = "auto"     # auto -> bf16-mixed on CUDA, fp32 on CPU; also bf16-mixed, bf16-true, fp32
+    compile: str = "auto"       # auto -> on for CUDA; "1"/"0" to force
+    seed: int = 0
+    save_every: int = 50        # steps between resumable checkpoints (0: only at the end)
+    resume: bool = False
+    quiet: bool = False
+
+
+def resolve(cfg: TrainConfig):
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    prec = ("bf16-mixed" if dev.startswith("cuda") else "fp32") if cfg.precision == "auto" else cfg.precision
+    if prec not in ("fp32", "bf16-mixed", "bf16-true"):
+        raise SystemExit(f"error: --precision must be fp32, bf16-mixed or bf16-true, got {prec!r}")
+    comp = dev.startswith("cuda") if cfg.compile == "auto" else cfg.compile in ("1", "true", "yes", "on")
+    return dev, prec, comp
+
+
+def get_lr(step, total, cfg: TrainConfig):
+    """Linear warm-up then cosine decay to 0."""
+    warm = max(1, int(cfg.warmup * total)) if cfg.warmup > 0 else 0
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    p = (step - warm) / max(1, total - warm)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def atomic_save(obj, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash leaves either the old or the new file, never half of one
+
+
+def train(model: Llama, step_loss, batches_from, total_steps: int, cfg: TrainConfig, out: Path, run_info: dict):
+    """Generic loop: AdamW + warm-up/cosine, grad accumulation, clipping, bf16 autocast, optional compile,
+    JSONL log, atomic resumable checkpoints in out/state.pt. step_loss(model, batch) -> (loss, terms dict).
+    batches_from(k) -> an iterator starting at micro-batch k (so a resumed run sees the same data)."""
+    dev, prec, comp = resolve(cfg)
+    if total_steps < 1:
+        raise SystemExit("error: nothing to train on (0 steps): check the data size, --steps and --epochs")
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(dev, torch.bfloat16 if prec == "bf16-true" else torch.float32)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95), fused=dev.startswith("cuda"))
+    step, state = 0, out / "state.pt"
+    torch.manual_seed(cfg.seed)
+    if cfg.resume and state.exists():
+        ck = torch.load(state, map_location=dev, weights_only=False)
+        if ck["total_steps"] != total_steps:
+            raise SystemExit(f"error: {state} is from a run of {ck['total_steps']} steps, this one has {total_steps}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        torch.set_rng_state(ck["rng"])
+        if not cfg.quiet:
+            print(f"resumed from {state} at step {step}/{total_steps}")
+    elif cfg.resume:
+        print(f"no {state} to resume from: starting from step 0")
+    (out / "run.json").write_text(json.dumps(run_info | {"resolved": {"device": dev, "precision": prec, "compile": comp},
+                                                         "torch": torch.__version__, "git": git_rev()}, indent=2))
+    if comp:  # per block, in place: compile time ~ one block, and state_dict keys stay unprefixed
+        for blk in model.model.layers:
+            blk.compile()
+    autocast = (torch.autocast(dev.split(":")[0], dtype=torch.bfloat16) if prec == "bf16-mixed"
+                else contextlib.nullcontext())
+    it = batches_from(step * cfg.grad_accum)
+    log = open(out / "log.jsonl", "a" if cfg.resume else "w")
+    from tqdm import tqdm
+    bar = tqdm(range(step, total_steps), initial=step, total=total_steps, disable=cfg.quiet, desc=out.name)
+    model.train()
+    for step in bar:
+        t0 = time.time()
+        lr = get_lr(step, total_steps, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        terms_sum, ntok = {}, 0
+        for _ in range(cfg.grad_accum):
+            batch = next(it)
+            batch = {k: {kk: vv.to(dev) for kk, vv in v.items()} if isinstance(v, dict) else v.to(dev)
+                     for k, v in batch.items()}
+            with autocast:
+                loss, terms = step_loss(model, batch)
+            if not torch.isfinite(loss):
+                log.close()
+                raise SystemExit(f"error: non-finite loss at step {step} ({terms}); last good checkpoint: {state}")
+            (loss / cfg.grad_accum).backward()  # grads sum over micro-batches, hence the division
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + v / cfg.grad_accum
+            ntok += sum(int(b["attention_mask"].sum()) for b in batch.values()) if "input_ids" not in batch \
+                else int(batch["attention_mask"].sum())
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        rec = {"step": step, **{k: round(v, 6) for k, v in terms_sum.items()}, "grad_norm": round(norm, 4),
+               "lr": lr, "ms": round(dt * 1000, 1), "tok_s": round(ntok / dt, 1)}
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        bar.set_postfix({k: f"{v:.3g}" for k, v in terms_sum.items()})
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                         "rng": torch.get_rng_state(), "total_steps": total_steps}, state)
+    log.close()
+    if state.exists():
+        state.unlink()  # the finished model is saved by the caller; the resume state is stale now
+    model.eval()
+    return model
+
+
+def git_rev():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+# -----------------------------------------------------------------------------
+# the defence run
+
+@dataclass
+class Config(TrainConfig, LossConfig):
+    model: str = "demo"         # checkpoint folder, hub name, or preset (tiny, demo)
+    data: str = "demo"          # demo, decodingtrust, or a file (see data.load_pairs)
+    refusals: str = ""          # optional JSONL cache of refusals {question, refusal}
+    split: str = "defence"      # which part of data.split(SPLIT) to train on; "all" = every pair (paper's setting)
+    out: str = "runs/defended"
+    fmt: str = ""               # prompt format: "" -> the model's chat format, "plain" -> 'Question: ..\nAnswer:'
+    max_len: int = 256
+    data_seed: int = 0
+
+
+def build_cli(defaults):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(defaults):
+        v = getattr(defaults, f.name)
+        if isinstance(v, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=v)
+        else:
+            p.add_argument(f"--{f.name}", type=type(v), default=v)
+    return p
+
+
+def check(cfg: Config):
+    bad = [(cfg.lr > 0, "--lr must be > 0"), (cfg.batch_size >= 1, "--batch_size must be >= 1"),
+           (cfg.grad_accum >= 1, "--grad_accum must be >= 1"), (cfg.epochs > 0 or cfg.steps > 0, "--epochs or --steps must be > 0"),
+           (0 <= cfg.warmup < 1, "--warmup must be in [0, 1)"), (cfg.alpha >= 0 and cfg.beta >= 0, "--alpha/--beta must be >= 0"),
+           (cfg.max_len >= 8, "--max_len must be >= 8"), (cfg.mask in ("answer", "diff"), "--mask must be answer or diff"),
+           (cfg.mmd_over in ("tokens", "sequences"), "--mmd_over must be tokens or sequences"),
+           (cfg.lens in ("layers", "official"), "--lens must be layers or official"),
+           (cfg.stability in ("answer", "whole"), "--stability must be answer or whole"),
+           (cfg.split in ("all", *SPLIT), f"--split must be all or one of {list(SPLIT)}")]
+    for ok, msg in bad:
+        if not ok:
+            raise SystemExit(f"error: {msg}")
+
+
+def defend(cfg: Config, model=None, tok=None):
+    """Run RepNoise on cfg.data and save the defended model to cfg.out/model. Returns (model, tok)."""
+    check(cfg)
+    if model is None:
+        model, tok = load(cfg.model)
+    pairs = data.load_pairs(cfg.data, cfg.refusals or None)
+    pairs = pairs if cfg.split == "all" else data.split(pairs, SPLIT, cfg.data_seed)[cfg.split]
+    out = Path(cfg.out)
+    if any(not p.refusal for p in pairs):  # the paper had the defended model write its own refusals
+        pairs = data.generate_refusals(model, tok, pairs, out / "refusals.jsonl")
+    fmt = cfg.fmt or None
+    steps = cfg.steps or max(1, int(cfg.epochs * len(pairs) / (cfg.batch_size * cfg.grad_accum)))
+    batches = lambda k: data.pair_batches(pairs, tok, cfg.batch_size, cfg.max_len, fmt, cfg.seed,
+                                          whole_harmless=cfg.stability == "whole", start_batch=k)
+    lcfg = LossConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(LossConfig)})
+
+    def step_loss(m, batch):
+        return repnoise_loss(m, batch["harmful"], batch["harmless"], lcfg)
+
+    if not cfg.quiet:
+        print(f"RepNoise: {len(pairs)} pairs from {cfg.data!r}, {steps} steps, alpha={cfg.alpha} beta={cfg.beta} lr={cfg.lr}")
+    pb = lambda k: ({"harmful": h, "harmless": s} for h, s in batches(k))
+    train(model, step_loss, pb, steps, cfg, out, {"config": dataclasses.asdict(cfg), "n_pairs": len(pairs)})
+    model.save_pretrained(out / "model", extra_files=tok.files)
+    return model, tok
+
+
+# -----------------------------------------------------------------------------
+# the demo: `python repnoise.py` with no arguments
+
+DEMO = Config(model="demo", data="demo", out="runs/demo/defended", lr=1e-3, steps=150, batch_size=16,
+              alpha=1.0, beta=1.0, warmup=0.1, fmt="plain", save_every=50)
+
+
+def demo():
+    from attack import AttackConfig, finetune
+    t0 = time.time()
+    base_dir = Path("runs/demo/base")
+    pairs = data.load_pairs("demo")
+    if (base_dir / "config.json").exists():
+        print(f"using the fitted base model in {base_dir}")
+        model, tok = load(str(base_dir))
+    else:
+        # 1. fit the tiny model to the demo data (harmful answers and refusals, all splits) so that it
+        #    "knows" the harmful answers and the refusals, as a pretrained + safety-tuned model would
+        model, tok = load("demo")
+        qa = [(p.question, p.harmful) for p in pairs] + [(p.question, p.refusal) for p in pairs]
+        fit = AttackConfig(lr=3e-3, steps=400, batch_size=32, warmup=0.05, fmt="plain", out="runs/demo/base-fit",
+                           save_every=0)
+        print(f"1/2 fitting the tiny '{DEMO.model}' model to {len(qa)} demo question/answer pairs")
+        finetune(model, tok, qa, fit)
+        model.save_pretrained(base_dir)
+    print("2/2 RepNoise defence on the demo 'defence' split")
+    defend(DEMO, model, tok)
+    print(f"\ndone in {time.time() - t0:.0f} s: undefended model in {base_dir}, defended model in {DEMO.out}/model")
+    print("next: python attack.py    (attacks both with the same harmful fine-tuning)")
+    print("      python evaluate.py  (prints the before/after table)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 1:
+        demo()
+    else:
+        defend(Config(**vars(build_cli(Config()).parse_args())))

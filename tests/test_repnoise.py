@@ -1,0 +1,172 @@
+"""RepNoise loss and training loop, checked against independent computations written here."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import Llama
+from repnoise import LossConfig, mmd, repnoise_loss
+
+
+def tiny(seed=0):
+    return Llama.from_preset("tiny", seed=seed)
+
+
+def batch(prompts, answers, pad=258):
+    """Right-padded batch built by hand: loss_mask marks the answer tokens."""
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad)
+    am = torch.zeros(len(seqs), T, dtype=torch.long)
+    lm = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+        am[i, :len(p) + len(a)] = 1
+        lm[i, len(p):len(p) + len(a)] = True
+    return {"input_ids": ids, "attention_mask": am, "loss_mask": lm}
+
+
+def make_pair(seed=0, B=3):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda n: torch.randint(0, 256, (n,), generator=g).tolist()
+    qs = [r(5 + 3 * i) for i in range(B)]
+    harmful = batch(qs, [r(7 + 2 * i) for i in range(B)])
+    harmless = batch(qs, [r(4 + 3 * i) for i in range(B)])
+    return harmful, harmless
+
+
+def mmd_loops(x, y, mul=2.0, num=5):
+    """MMD^2 with explicit loops: Gaussian kernels at bandwidths bw*mul^i, bw = mean off-diagonal sq. distance / mul^(num//2)."""
+    z = torch.cat([x, y]).double()
+    n = len(z)
+    d2 = [[float(((z[i] - z[j]) ** 2).sum()) for j in range(n)] for i in range(n)]
+    bw = sum(sum(r) for r in d2) / (n * n - n) / mul ** (num // 2)
+    k = lambda i, j: sum(math.exp(-d2[i][j] / (bw * mul ** s)) for s in range(num))
+    N, M = len(x), len(y)
+    xx = sum(k(i, j) for i in range(N) for j in range(N)) / N ** 2
+    yy = sum(k(N + i, N + j) for i in range(M) for j in range(M)) / M ** 2
+    xy = sum(k(i, N + j) for i in range(N) for j in range(M)) / (N * M)
+    return xx + yy - 2 * xy
+
+
+def test_mmd_matches_direct_formula():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 4, generator=g) * 2 + 1, torch.randn(5, 4, generator=g)
+    assert mmd(x, y).item() == pytest.approx(mmd_loops(x, y), rel=1e-5)
+    # same distribution -> close to 0; identical sets -> exactly 0
+    assert mmd(x, x).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_official_mmd_equal_batch_matches_original_formula():
+    # the official code: mean(XX + YY - XY - YX) over a (2B, 2B) kernel with equal halves == our form for N == M
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    z = torch.cat([x, y])
+    d2 = ((z[None] - z[:, None]) ** 2).sum(2)
+    bw = d2.sum() / (64 - 8) / 4
+    k = sum(torch.exp(-d2 / (bw * 2 ** i)) for i in range(5))
+    ref = (k[:4, :4] + k[4:, 4:] - k[:4, 4:] - k[4:, :4]).mean()
+    assert mmd(x, y).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def ce_loops(model, b):
+    """Per-layer logit-lens CE over full logits, looping over examples and answer positions."""
+    out = model(b["input_ids"], b["attention_mask"], return_hidden=True)
+    per_layer = []
+    for h in out.hidden:
+        full = model.head(h)                                   # (B, T, V): the whole thing, on purpose
+        losses = []
+        for i in range(len(b["input_ids"])):
+            for t in range(1, b["input_ids"].shape[1]):
+                if b["loss_mask"][i, t]:
+                    losses.append(F.cross_entropy(full[i, t - 1][None], b["input_ids"][i, t][None]))
+        per_layer.append(torch.stack(losses).mean())
+    return torch.stack(per_layer), out
+
+
+def test_loss_terms_match_full_logit_loops():
+    model = tiny()
+    harmful, harmless = make_pair()
+    torch.manual_seed(0)
+    total, terms = repnoise_loss(model, harmful, harmless, LossConfig(alpha=0.7, beta=0.3))
+    ce, out = ce_loops(model, harmful)
+    assert len(ce) == model.cfg.n_layers + 1
+    assert terms["lens_ce"] == pytest.approx(ce.mean().item(), rel=1e-5)
+    assert terms["harmful_ce"] == pytest.approx(ce[-1].item(), rel=1e-5)
+    assert terms["ascent"] == pytest.approx(math.log(1 + ce.mean().item()), rel=1e-5)
+    stab, _ = ce_loops(model, harmless)
+    assert terms["stability"] == pytest.approx(stab[-1].item(), rel=1e-5)
+    # noise term: same RNG stream -> the same Gaussian draws, MMD per layer on answer-token MLP outputs
+    torch.manual_seed(0)
+    ref = sum(mmd(m[harmful["loss_mask"]], torch.randn(int(harmful["loss_mask"].sum()), m.shape[-1])) for m in out.mlp)
+    assert terms["noise"] == pytest.approx(ref.item() / len(out.mlp), rel=1e-4)
+    assert total.item() == pytest.approx(terms["stability"] + 0.3 * terms["noise"] - 0.7 * terms["ascent"], rel=1e-5)
+
+
+def test_official_lens_counts_final_logits_twice():
+    model = tiny()
+    harmful, harmless = make_pair(1)
+    _, terms = repnoise_loss(model, harmful, harmless, LossConfig(beta=0, lens="official"))
+    ce, _ = ce_loops(model, harmful)
+    assert terms["lens_ce"] == pytest.approx((ce[-1] + ce.sum()).item() / len(ce), rel=1e-5)
+
+
+def test_alpha_beta_zero_leave_stability_only():
+    model = tiny()
+    harmful, harmless = make_pair(2)
+    total, terms = repnoise_loss(model, harmful, harmless, LossConfig(alpha=0, beta=0))
+    assert total.item() == pytest.approx(terms["stability"], rel=1e-6)
+    total, terms = repnoise_loss(model, harmful, harmless, LossConfig(alpha=0, beta=1.0))
+    assert total.item() == pytest.approx(terms["stability"] + terms["noise"], rel=1e-6)
+
+
+def test_gradients_reach_every_parameter():
+    model = tiny()
+    harmful, harmless = make_pair(3)
+    total, _ = repnoise_loss(model, harmful, harmless, LossConfig(alpha=1, beta=1))
+    total.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_prompt_and_padding_tokens_do_not_count():
+    model = tiny()
+    harmful, harmless = make_pair(4)
+    cfg = LossConfig(alpha=1, beta=0)
+    _, a = repnoise_loss(model, harmful, harmless, cfg)
+    # change the ids at padding positions: nothing moves (attention masks them, no loss reads them)
+    h2 = {k: v.clone() for k, v in harmful.items()}
+    h2["input_ids"][h2["attention_mask"] == 0] = 7
+    s2 = {k: v.clone() for k, v in harmless.items()}
+    s2["input_ids"][s2["attention_mask"] == 0] = 7
+    _, b = repnoise_loss(model, h2, s2, cfg)
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_official_diff_mask_counts_padding():
+    from repnoise import diff_mask
+    harmful, harmless = make_pair(5)
+    dm = diff_mask(harmful, harmless)
+    # positions where both sequences are padding are equal ids -> not in the mask, but a position where one
+    # side is padding and the other is not is in the mask (the official code trains on those)
+    T = dm.shape[1]
+    a, b = (F.pad(x["attention_mask"], (0, T - x["attention_mask"].shape[1])) for x in (harmful, harmless))
+    assert dm[a != b].all() and (a != b).any()
+    w = min(harmful["input_ids"].shape[1], harmless["input_ids"].shape[1])  # both padded with the same id here
+    assert not dm[:, :w][((a == 0) & (b == 0))[:, :w]].any()
+
+
+def test_few_steps_lower_stability_and_raise_harmful_ce():
+    torch.manual_seed(0)
+    model = tiny()
+    harmful, harmless = make_pair(6, B=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    _, first = repnoise_loss(model, harmful, harmless, LossConfig(alpha=1, beta=0.1))
+    for _ in range(15):
+        loss, terms = repnoise_loss(model, harmful, harmless, LossConfig(alpha=1, beta=0.1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert terms["stability"] < first["stability"] - 0.1
+    assert terms["lens_ce"] > first["lens_ce"] + 0.1
