@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import data
 from model import load
-from repnoise import SPLIT, TrainConfig, build_cli, train
+from repnoise import SPLIT, TrainConfig, build_cli, cli_main, train
 
 
 @dataclass
@@ -93,7 +93,4 @@ def demo():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 1:
-        demo()
-    else:
-        attack(AttackConfig(**vars(build_cli(AttackConfig()).parse_args())))
+    cli_main(demo if len(sys.argv) == 1 else lambda: attack(AttackConfig(**vars(build_cli(AttackConfig()).parse_args()))))

@@ -371,8 +371,13 @@ def demo():
     print("      python evaluate.py  (prints the before/after table)")
 
 
+def cli_main(run):
+    """Bad input (missing checkpoint, malformed data, config mismatch) -> one line on stderr, exit 1."""
+    try:
+        run()
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 1:
-        demo()
-    else:
-        defend(Config(**vars(build_cli(Config()).parse_args())))
+    cli_main(demo if len(sys.argv) == 1 else lambda: defend(Config(**vars(build_cli(Config()).parse_args()))))

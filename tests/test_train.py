@@ -1,0 +1,99 @@
+"""The training loop shared by repnoise.py and attack.py: resume, precision/compile, bad input, CLI."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import repnoise
+from conftest import ROOT
+from model import Llama, load
+from repnoise import Config, defend
+
+FAST = dict(model="tiny", data="demo", steps=6, batch_size=4, max_len=128, lr=3e-3, alpha=1.0, beta=0.5,
+            fmt="plain", quiet=True, save_every=2)
+
+
+def weights(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch):
+    torch.manual_seed(123)
+    full, _ = defend(Config(**FAST, out=str(tmp_path / "full")))
+    ref = weights(full)
+    # interrupt the second run during step 5 (after the step-4 checkpoint), then resume it
+    real, calls = repnoise.repnoise_loss, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(repnoise, "repnoise_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        defend(Config(**FAST, out=str(tmp_path / "cut")))
+    assert (tmp_path / "cut" / "state.pt").exists() and not (tmp_path / "cut" / "model").exists()
+    monkeypatch.setattr(repnoise, "repnoise_loss", real)
+    resumed, _ = defend(Config(**FAST, out=str(tmp_path / "cut"), resume=True))
+    for k, v in weights(resumed).items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-6, msg=k)
+    # the log has one line per step, with every loss term
+    lines = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(6))
+    assert {"stability", "noise", "ascent", "lens_ce", "grad_norm", "lr"} <= set(lines[0])
+    # the saved defended model re-loads bit-exactly
+    again, _ = load(str(tmp_path / "full"))
+    for k, v in weights(again).items():
+        assert torch.equal(v, ref[k]), k
+
+
+def test_compile_and_bf16_on_cpu(tmp_path):
+    """torch.compile per block and bf16 autocast (the CUDA defaults) exercised on CPU: same loss as fp32 eager
+    to bf16 tolerance on the first step (before any update)."""
+    torch.manual_seed(0)
+    eager, _ = defend(Config(**dict(FAST, steps=2, save_every=0), out=str(tmp_path / "eager")))
+    torch.manual_seed(0)
+    comp, _ = defend(Config(**dict(FAST, steps=2, save_every=0), out=str(tmp_path / "comp"),
+                            compile="1", precision="bf16-mixed"))
+    a = [json.loads(x) for x in (tmp_path / "eager" / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "comp" / "log.jsonl").read_text().splitlines()]
+    run = json.loads((tmp_path / "comp" / "run.json").read_text())
+    assert run["resolved"] == {"device": "cpu", "precision": "bf16-mixed", "compile": True}
+    assert b[0]["stability"] == pytest.approx(a[0]["stability"], rel=2e-2)
+    assert b[0]["lens_ce"] == pytest.approx(a[0]["lens_ce"], rel=2e-2)
+    # compiled blocks keep plain state_dict keys, so the checkpoint is a normal HF layout
+    assert set(comp.state_dict()) == set(Llama.from_preset("tiny").state_dict())
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
+    def nan_loss(*a, **k):
+        return torch.tensor(float("nan"), requires_grad=True), {"loss": float("nan")}
+    monkeypatch.setattr(repnoise, "repnoise_loss", nan_loss)
+    with pytest.raises(SystemExit, match="non-finite loss at step 0"):
+        defend(Config(**FAST, out=str(tmp_path / "nan")))
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--mask", "bogus"], "--mask must be answer or diff"),
+    (["--model", "/nonexistent/ckpt"], "does not exist"),
+    (["--data", "/nonexistent/data.jsonl"], "nonexistent"),
+    (["--precision", "fp16"], "--precision must be"),
+])
+def test_cli_rejects_bad_input_with_one_line(tmp_path, args, msg):
+    r = subprocess.run([sys.executable, "repnoise.py", "--model", "tiny", "--steps", "1", "--out", str(tmp_path / "x"),
+                        "--quiet", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_cli_smoke_writes_an_hf_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "repnoise.py", "--model", "tiny", "--steps", "3", "--batch_size", "2",
+                        "--out", str(out), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (out / "model" / "model.safetensors").exists() and (out / "model" / "config.json").exists()
+    assert len((out / "log.jsonl").read_text().splitlines()) == 3
