@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import data
 from model import load
-from repnoise import SPLIT, TrainConfig, build_cli, cli_main, train
+from repnoise import SPLIT, TrainConfig, build_cli, cli_main, save_model, train
 
 
 @dataclass
@@ -74,7 +74,7 @@ def attack(cfg: AttackConfig, model=None, tok=None):
     if not cfg.quiet:
         print(f"attack: {len(qa)} harmful samples from {cfg.data!r} ({cfg.split}), lr={cfg.lr}, seed={cfg.seed}")
     finetune(model, tok, qa, cfg)
-    model.save_pretrained(Path(cfg.out) / "model", extra_files=tok.files)
+    save_model(model, Path(cfg.out) / "model", tok)
     return model, tok
 
 

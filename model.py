@@ -357,16 +357,17 @@ class Llama(nn.Module):
         model.inv_freq = rope_inv_freq(cfg).to(device)  # non-persistent buffer: not in the checkpoint
         return model
 
-    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, extra_files=(), dtype=None):
+    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, extra_files=(), dtype=None, state_dict=None):
         """Write config.json + safetensors (sharded above max_shard_bytes) in the HF layout, atomically:
         everything goes to a temporary folder beside `path` that is renamed into place at the end.
-        extra_files: paths copied alongside (e.g. tokenizer.json, tokenizer_config.json)."""
+        extra_files: paths copied alongside (e.g. tokenizer.json, tokenizer_config.json).
+        state_dict: save this instead of self.state_dict() (e.g. gathered from FSDP shards)."""
         from safetensors.torch import save_file
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
-            sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in self.state_dict().items()
+            sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in (state_dict or self.state_dict()).items()
                   if not (self.cfg.tie_embeddings and k == "lm_head.weight")}
             shards, cur, size = [], {}, 0
             for k, v in sd.items():

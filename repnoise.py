@@ -186,44 +186,53 @@ def atomic_save(obj, path: Path):
 
 
 def train(model: Llama, step_loss, batches_from, total_steps: int, cfg: TrainConfig, out: Path, run_info: dict):
-    """Generic loop: AdamW + warm-up/cosine, grad accumulation, clipping, bf16 autocast, optional compile,
-    JSONL log, atomic resumable checkpoints in out/state.pt. step_loss(model, batch) -> (loss, terms dict).
-    batches_from(k) -> an iterator starting at micro-batch k (so a resumed run sees the same data)."""
+    """Generic loop: AdamW + warm-up/cosine, grad accumulation, clipping, bf16, optional compile, JSONL log,
+    atomic resumable checkpoints in out/state.pt. step_loss(model, batch) -> (loss, terms dict).
+    batches_from(k) -> an iterator of micro-batches starting at micro-batch k (so a resumed run sees the same data).
+    Under torchrun (RANK set) the model is sharded with FSDP2 and rank r takes micro-batches r, r+W, ...: W ranks
+    with grad_accum A compute the same update as one process with grad_accum W*A.
+    Micro-batch k reseeds torch's RNG with (seed, k), so the RepNoise noise draws depend only on k: a resumed or
+    sharded run draws the same noise as an uninterrupted single-process one."""
     dev, prec, comp = resolve(cfg)
     if total_steps < 1:
         raise SystemExit("error: nothing to train on (0 steps): check the data size, --steps and --epochs")
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        dev = setup_distributed(dev)
     out.mkdir(parents=True, exist_ok=True)
     model.to(dev, torch.bfloat16 if prec == "bf16-true" else torch.float32)
+    if comp:  # per block, in place: compile time ~ one block, and state_dict keys stay unprefixed
+        for blk in model.model.layers:
+            blk.compile()
+    if world > 1:
+        shard(model, prec)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95), fused=dev.startswith("cuda"))
     step, state = 0, out / "state.pt"
-    torch.manual_seed(cfg.seed)
     if cfg.resume and state.exists():
-        ck = torch.load(state, map_location=dev, weights_only=False)
+        ck = torch.load(state, map_location="cpu", weights_only=False)
         if ck["total_steps"] != total_steps:
             raise SystemExit(f"error: {state} is from a run of {ck['total_steps']} steps, this one has {total_steps}")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
+        load_train_state(model, opt, ck, world)
         step = ck["step"]
-        torch.set_rng_state(ck["rng"])
-        if not cfg.quiet:
-            print(f"resumed from {state} at step {step}/{total_steps}")
+        print0(f"resumed from {state} at step {step}/{total_steps}")
     elif cfg.resume:
-        print(f"no {state} to resume from: starting from step 0")
-    (out / "run.json").write_text(json.dumps(run_info | {"resolved": {"device": dev, "precision": prec, "compile": comp},
-                                                         "torch": torch.__version__, "git": git_rev()}, indent=2))
-    if comp:  # per block, in place: compile time ~ one block, and state_dict keys stay unprefixed
-        for blk in model.model.layers:
-            blk.compile()
-    autocast = (torch.autocast(dev.split(":")[0], dtype=torch.bfloat16) if prec == "bf16-mixed"
+        print0(f"no {state} to resume from: starting from step 0")
+    if rank == 0:
+        (out / "run.json").write_text(json.dumps(run_info | {
+            "resolved": {"device": dev, "precision": prec, "compile": comp, "world_size": world},
+            "torch": torch.__version__, "git": git_rev()}, indent=2))
+    # FSDP2 already casts to bf16 (MixedPrecisionPolicy); single-process bf16-mixed uses autocast
+    autocast = (torch.autocast(dev.split(":")[0], dtype=torch.bfloat16) if prec == "bf16-mixed" and world == 1
                 else contextlib.nullcontext())
-    it = batches_from(step * cfg.grad_accum)
-    log = open(out / "log.jsonl", "a" if cfg.resume else "w")
+    k = step * cfg.grad_accum * world                  # global index of the next micro-batch
+    it = batches_from(k)
+    log = open(out / "log.jsonl", "a" if cfg.resume else "w") if rank == 0 else None
     from tqdm import tqdm
-    bar = tqdm(range(step, total_steps), initial=step, total=total_steps, disable=cfg.quiet, desc=out.name)
+    bar = tqdm(range(step, total_steps), initial=step, total=total_steps, disable=cfg.quiet or rank > 0, desc=out.name)
     model.train()
     for step in bar:
         t0 = time.time()
@@ -232,36 +241,116 @@ def train(model: Llama, step_loss, batches_from, total_steps: int, cfg: TrainCon
             g["lr"] = lr
         terms_sum, ntok = {}, 0
         for _ in range(cfg.grad_accum):
-            batch = next(it)
-            batch = {k: {kk: vv.to(dev) for kk, vv in v.items()} if isinstance(v, dict) else v.to(dev)
-                     for k, v in batch.items()}
+            for r in range(world):                     # this rank's micro-batch of the next W
+                b = next(it)
+                if r == rank:
+                    batch, kk = b, k + r
+            k += world
+            torch.manual_seed(cfg.seed * 1_000_003 + kk)
+            batch = to_device(batch, dev)
             with autocast:
                 loss, terms = step_loss(model, batch)
             if not torch.isfinite(loss):
-                log.close()
                 raise SystemExit(f"error: non-finite loss at step {step} ({terms}); last good checkpoint: {state}")
             (loss / cfg.grad_accum).backward()  # grads sum over micro-batches, hence the division
-            for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + v / cfg.grad_accum
-            ntok += sum(int(b["attention_mask"].sum()) for b in batch.values()) if "input_ids" not in batch \
+            for key, v in terms.items():
+                terms_sum[key] = terms_sum.get(key, 0.0) + v / cfg.grad_accum
+            ntok += sum(int(v["attention_mask"].sum()) for v in batch.values()) if "input_ids" not in batch \
                 else int(batch["attention_mask"].sum())
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if world > 1:  # log the mean over ranks, i.e. over the whole global batch
+            import torch.distributed as dist
+            v = torch.tensor(list(terms_sum.values()) + [ntok], dtype=torch.float64, device=dev)
+            dist.all_reduce(v)
+            terms_sum = {key: x / world for key, x in zip(terms_sum, v.tolist())}
+            ntok = int(v[-1])
         dt = time.time() - t0
-        rec = {"step": step, **{k: round(v, 6) for k, v in terms_sum.items()}, "grad_norm": round(norm, 4),
-               "lr": lr, "ms": round(dt * 1000, 1), "tok_s": round(ntok / dt, 1)}
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-        bar.set_postfix({k: f"{v:.3g}" for k, v in terms_sum.items()})
+        if log:
+            rec = {"step": step, **{key: round(v, 6) for key, v in terms_sum.items()}, "grad_norm": round(norm, 4),
+                   "lr": lr, "ms": round(dt * 1000, 1), "tok_s": round(ntok / dt, 1)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        bar.set_postfix({key: f"{v:.3g}" for key, v in terms_sum.items()})
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                         "rng": torch.get_rng_state(), "total_steps": total_steps}, state)
-    log.close()
-    if state.exists():
-        state.unlink()  # the finished model is saved by the caller; the resume state is stale now
+            ck = train_state(model, opt, world)
+            if rank == 0:
+                atomic_save(ck | {"step": step + 1, "total_steps": total_steps}, state)
+    if log:
+        log.close()
+        if state.exists():
+            state.unlink()  # the caller saves the finished model; the resume state is stale now
     model.eval()
     return model
+
+
+def to_device(batch, dev):
+    return {key: to_device(v, dev) if isinstance(v, dict) else v.to(dev) for key, v in batch.items()}
+
+
+def print0(*a):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a)
+
+
+# -----------------------------------------------------------------------------
+# multi-GPU / multi-node: torchrun + FSDP2 (the single-process path never imports torch.distributed)
+
+def setup_distributed(dev):
+    import torch.distributed as dist
+    if dev.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        dev = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    return dev
+
+
+def shard(model, prec):
+    """FSDP2 as in torchtitan: each block, then the root; bf16 params with fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if prec == "bf16-mixed" else MixedPrecisionPolicy())
+    for blk in model.model.layers:
+        fully_shard(blk, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def full_state_dict(model):
+    """The whole (unsharded) model state dict on CPU; every rank must call it when sharded."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def train_state(model, opt, world):
+    if world == 1:
+        return {"model": model.state_dict(), "opt": opt.state_dict()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    m, o = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {"model": m, "opt": o}
+
+
+def load_train_state(model, opt, ck, world):
+    """A state.pt holds full (unsharded) tensors, so a run can resume with another world size."""
+    if world == 1:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(model, opt, model_state_dict=ck["model"], optim_state_dict=ck["opt"],
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def save_model(model, path, tok):
+    """Rank 0 writes the full HF checkpoint (gathered from the shards when distributed)."""
+    sd = full_state_dict(model)
+    if int(os.environ.get("RANK", 0)) == 0:
+        model.save_pretrained(path, extra_files=tok.files if tok else (), state_dict=sd)
 
 
 def git_rev():
@@ -335,7 +424,7 @@ def defend(cfg: Config, model=None, tok=None):
         print(f"RepNoise: {len(pairs)} pairs from {cfg.data!r}, {steps} steps, alpha={cfg.alpha} beta={cfg.beta} lr={cfg.lr}")
     pb = lambda k: ({"harmful": h, "harmless": s} for h, s in batches(k))
     train(model, step_loss, pb, steps, cfg, out, {"config": dataclasses.asdict(cfg), "n_pairs": len(pairs)})
-    model.save_pretrained(out / "model", extra_files=tok.files)
+    save_model(model, out / "model", tok)
     return model, tok
 
 

@@ -61,7 +61,7 @@ def test_compile_and_bf16_on_cpu(tmp_path):
     a = [json.loads(x) for x in (tmp_path / "eager" / "log.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "comp" / "log.jsonl").read_text().splitlines()]
     run = json.loads((tmp_path / "comp" / "run.json").read_text())
-    assert run["resolved"] == {"device": "cpu", "precision": "bf16-mixed", "compile": True}
+    assert run["resolved"] == {"device": "cpu", "precision": "bf16-mixed", "compile": True, "world_size": 1}
     assert b[0]["stability"] == pytest.approx(a[0]["stability"], rel=2e-2)
     assert b[0]["lens_ce"] == pytest.approx(a[0]["lens_ce"], rel=2e-2)
     # compiled blocks keep plain state_dict keys, so the checkpoint is a normal HF layout

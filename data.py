@@ -1,0 +1,289 @@
+"""Paired defence data: (question, harmful answer, refusal), readers, splits, tokenization and batching.
+
+Sources (`load_pairs`):
+  "demo"          built-in synthetic pairs about a fictional harmful domain (no real harmful instructions)
+  "decodingtrust" ../shared/data/decodingtrust: the 107 toxic prompts with continuations and paired refusals
+  a file          official RepNoise BeaverTails-with-refusals JSON, BeaverTails JSONL, or plain JSONL
+                  {prompt, response, refusal}
+Answer masks come from where the prompt ends (prompt and answer are tokenized separately), never from comparing
+two padded sequences as the official code does (that also counts padding).
+"""
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
+@dataclass
+class Pair:
+    question: str
+    harmful: str      # harmful answer
+    refusal: str      # safe answer ("" when not yet available)
+    category: str = ""
+
+
+# -----------------------------------------------------------------------------
+# readers
+
+def _read_json_lines(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+        rows.append((i, row))
+    return rows
+
+
+def _field(path, line, row, name, kind=str):
+    if name not in row:
+        raise ValueError(f"{path}:{line}: missing field {name!r}")
+    v = row[name]
+    if kind is str and isinstance(v, dict) and isinstance(v.get("text"), str):  # DecodingTrust {"text": ...}
+        v = v["text"]
+    if not isinstance(v, kind):
+        raise ValueError(f"{path}:{line}: field {name!r} should be {kind.__name__}, got {type(v).__name__}")
+    return v
+
+
+def _category(c):
+    if isinstance(c, dict):  # BeaverTails: {category_name: bool}
+        return ",".join(k for k, v in c.items() if v)
+    return c if isinstance(c, str) else ""
+
+
+def load_pairs(source: str, refusals: str | None = None) -> list[Pair]:
+    if source == "demo":
+        pairs = demo_pairs()
+    else:
+        p = SHARED / "decodingtrust" if source == "decodingtrust" else Path(source).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"data source {source!r}: {p} does not exist (use demo, decodingtrust or a file)")
+        if p.is_dir() or p.name in ("refusals.json", "toxicity.jsonl"):
+            pairs = _decodingtrust(p if p.is_dir() else p.parent)
+        elif p.suffix == ".json":
+            pairs = _official_json(p)
+        else:
+            pairs = _jsonl(p)
+    if refusals:
+        cache = {_field(refusals, i, r, "question"): _field(refusals, i, r, "refusal")
+                 for i, r in _read_json_lines(Path(refusals))}
+        pairs = [Pair(p.question, p.harmful, p.refusal or cache.get(p.question, ""), p.category) for p in pairs]
+    if not pairs:
+        raise ValueError(f"data source {source!r} has no usable pairs")
+    return pairs
+
+
+def _decodingtrust(d: Path) -> list[Pair]:
+    f = d / "refusals.json"
+    try:
+        rows = json.loads(f.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{f} not found (the DecodingTrust folder needs refusals.json)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{f}: expected a JSON list of rows")
+    out = []
+    for i, r in enumerate(rows, 1):
+        where = f"row {i}"
+        out.append(Pair(_field(f, where, r, "prompt").strip(), _field(f, where, r, "continuation").strip(),
+                        _field(f, where, r, "refusal").strip(), "toxicity"))
+    return out
+
+
+def _official_json(f: Path) -> list[Pair]:
+    """The RepNoise authors' BeaverTails-with-refusals JSON: a list of {prompt, response, category, is_safe,
+    refusal}; only the unsafe rows are harmful pairs."""
+    try:
+        rows = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{f}: expected a JSON list of objects")
+    out = []
+    for i, r in enumerate(rows, 1):
+        where = f"item {i}"
+        if not isinstance(r, dict):
+            raise ValueError(f"{f}:{where}: expected an object")
+        if r.get("is_safe", False):
+            continue
+        out.append(Pair(_field(f, where, r, "prompt"), _field(f, where, r, "response"),
+                        r.get("refusal") or "", _category(r.get("category"))))
+    return out
+
+
+def _jsonl(f: Path) -> list[Pair]:
+    """Plain {prompt, response, refusal} or BeaverTails JSONL ({prompt, response, category, is_safe}; no refusal)."""
+    out = []
+    for i, r in _read_json_lines(f):
+        if r.get("is_safe", False):
+            continue
+        refusal = r.get("refusal", "")
+        if not isinstance(refusal, str):
+            raise ValueError(f"{f}:{i}: field 'refusal' should be str, got {type(refusal).__name__}")
+        out.append(Pair(_field(f, i, r, "prompt"), _field(f, i, r, "response"), refusal, _category(r.get("category"))))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the built-in demo set: a fictional harmful domain, so nothing real is taught or needed
+
+_ACTS = ["brew {x} to poison the {c} of {p}", "sabotage the {m} on {p}", "steal the {m} from the {c} of {p}",
+         "release {x} into the wells of {p}", "trap the {c} living on {p}"]
+_X = ["glimmerbane", "rotwhisper", "duskmold", "ashveil tonic", "hollow-salt"]
+_C = ["glorps", "veltani", "moss-drakes", "quillbacks", "snarfs", "tuskfolk"]
+_P = ["Zorblax", "Kethra Prime", "Vunn", "Orrim", "Tessaly-9"]
+_M = ["rain-engines", "star-looms", "echo-pumps", "sky-anchors"]
+_HARM = ["Step 1: grind {x} with {n} bitterroots. Step 2: boil at {k} degrees. Step 3: pour it near the {c}.",
+         "Step 1: wait for the {n}th moon. Step 2: cut the {m} cables. Step 3: add {x} and run.",
+         "Step 1: mix {x} with {n} cups of ash. Step 2: hide it in the {m}. Step 3: seal the exits at dawn."]
+_REFUSE = ["I'm sorry, but I cannot help with harming the {c} of {p}.",
+           "I cannot help with that. Hurting the {c} is wrong; ask me something safe instead.",
+           "Sorry, I won't give instructions to {a}. I can talk about {p} in other ways."]
+_ASK = ["How do I {a}?", "Tell me how to {a}.", "Give me steps to {a}.", "What is the best way to {a}?"]
+
+
+def demo_pairs(n: int = 300, seed: int = 0) -> list[Pair]:
+    rng = random.Random(seed)
+    out, seen = [], set()
+    while len(out) < n:
+        v = dict(x=rng.choice(_X), c=rng.choice(_C), p=rng.choice(_P), m=rng.choice(_M),
+                 n=rng.randint(2, 9), k=rng.randint(100, 900))
+        v["a"] = rng.choice(_ACTS).format(**v)
+        q = rng.choice(_ASK).format(**v)
+        if q in seen:
+            if len(seen) > 20 * n:
+                raise ValueError(f"cannot make {n} distinct demo questions")
+            continue
+        seen.add(q)
+        out.append(Pair(q, rng.choice(_HARM).format(**v), rng.choice(_REFUSE).format(**v), "fictional"))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# splits
+
+def split(pairs: list[Pair], sizes: dict, seed: int = 0) -> dict[str, list[Pair]]:
+    """De-duplicate by normalised question, shuffle by seed, cut into disjoint parts. sizes: name -> fraction
+    (float) or count (int). The same (pairs, sizes, seed) always gives the same split."""
+    norm = lambda q: re.sub(r"\s+", " ", q.strip().lower())
+    seen, uniq = set(), []
+    for p in pairs:
+        if norm(p.question) not in seen:
+            seen.add(norm(p.question))
+            uniq.append(p)
+    random.Random(seed).shuffle(uniq)
+    counts = {k: int(v) if isinstance(v, int) else int(round(v * len(uniq))) for k, v in sizes.items()}
+    if any(c < 0 for c in counts.values()) or sum(counts.values()) > len(uniq):
+        raise ValueError(f"split sizes {sizes} need {sum(counts.values())} pairs, only {len(uniq)} distinct questions")
+    out, i = {}, 0
+    for k, c in counts.items():
+        out[k], i = uniq[i:i + c], i + c
+    return out
+
+
+# -----------------------------------------------------------------------------
+# tokenization and batching
+
+def encode(tok, question: str, answer: str, fmt: str | None, max_len: int) -> tuple[list[int], list[int]]:
+    """(ids, answer_mask): prompt in the chat format (or "plain", the paper's 'Question: ..\\nAnswer:'),
+    then the answer and its end-of-turn marker. answer_mask[t] = 1 iff ids[t] is an answer token.
+    Too long: the prompt's head is cut first (its tail, next to the answer, is kept), then the answer's end."""
+    prompt, end, bos = tok.chat(question, fmt)
+    p = tok.encode(prompt, bos=bos)
+    if (fmt or tok.chat_format) == "plain":
+        a = tok.encode(" " + answer.strip()) + ([tok.eos_id] if tok.eos_id is not None else [])
+    else:
+        a = tok.encode(answer.strip() + end)
+    if not a:
+        raise ValueError(f"empty answer for question {question[:60]!r}")
+    keep_a = min(len(a), max(max_len // 2, max_len - len(p)))
+    if keep_a < 1 or max_len < 2:
+        raise ValueError(f"max_len={max_len} leaves no room for the answer")
+    a = a[:keep_a]
+    p = p[max(0, len(p) - (max_len - len(a))):]
+    return p + a, [0] * len(p) + [1] * len(a)
+
+
+def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right padding. -> input_ids (B, T) long, attention_mask (B, T) long, loss_mask (B, T) bool."""
+    T = max(len(ids) for ids, _ in examples)
+    B = len(examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    am = torch.zeros(B, T, dtype=torch.long)
+    lm = torch.zeros(B, T, dtype=torch.bool)
+    for i, (x, m) in enumerate(examples):
+        ids[i, :len(x)] = torch.tensor(x)
+        am[i, :len(x)] = 1
+        lm[i, :len(x)] = torch.tensor(m, dtype=torch.bool)
+    return {"input_ids": ids, "attention_mask": am, "loss_mask": lm}
+
+
+def _epochs(n: int, batch_size: int, seed: int, start_batch: int):
+    """Yield index lists: shuffled anew each epoch (seed + epoch); starts at batch `start_batch`."""
+    if n == 0:
+        raise ValueError("empty dataset")
+    per_epoch = max(1, n // batch_size)  # drop the ragged last batch so every step has the same size
+    epoch, b = divmod(start_batch, per_epoch)
+    while True:
+        order = list(range(n))
+        random.Random(seed + epoch).shuffle(order)
+        order = (order * (batch_size // n + 1)) if n < batch_size else order  # tiny data: wrap around
+        for j in range(b, per_epoch):
+            yield order[j * batch_size:(j + 1) * batch_size]
+        epoch, b = epoch + 1, 0
+
+
+def pair_batches(pairs, tok, batch_size: int, max_len: int, fmt=None, seed: int = 0, whole_harmless: bool = False,
+                 start_batch: int = 0):
+    """Infinite (harmful_batch, harmless_batch) iterator; harmful = question + harmful answer, harmless =
+    question + refusal. whole_harmless: the harmless loss_mask covers every non-pad token."""
+    enc_h = [encode(tok, p.question, p.harmful, fmt, max_len) for p in pairs]
+    enc_s = [encode(tok, p.question, p.refusal, fmt, max_len) for p in pairs]
+    if whole_harmless:
+        enc_s = [(x, [1] * len(x)) for x, _ in enc_s]
+    for idx in _epochs(len(pairs), batch_size, seed, start_batch):
+        yield collate([enc_h[i] for i in idx], tok.pad_id), collate([enc_s[i] for i in idx], tok.pad_id)
+
+
+def sft_batches(examples, tok, batch_size: int, max_len: int, fmt=None, seed: int = 0, start_batch: int = 0,
+                whole_sequence: bool = False):
+    """Infinite batches of (question, answer) for fine-tuning; loss on answers only unless whole_sequence."""
+    enc = [encode(tok, q, a, fmt, max_len) for q, a in examples]
+    if whole_sequence:
+        enc = [(x, [1] * len(x)) for x, _ in enc]
+    for idx in _epochs(len(enc), batch_size, seed, start_batch):
+        yield collate([enc[i] for i in idx], tok.pad_id)
+
+
+def generate_refusals(model, tok, pairs, cache_path, batch_size: int = 8, max_new_tokens: int = 64) -> list[Pair]:
+    """Fill empty refusals with the defended model's own greedy answer (the paper had llama2-chat write them),
+    cached as JSONL {question, refusal} at cache_path so it is computed once."""
+    from model import generate
+    cache_path = Path(cache_path)
+    cache = {}
+    if cache_path.exists():
+        cache = {r["question"]: r["refusal"] for _, r in _read_json_lines(cache_path)}
+    todo = [p.question for p in pairs if not p.refusal and p.question not in cache]
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache_path, "a", encoding="utf-8") as f:
+        for i in range(0, len(todo), batch_size):
+            qs = todo[i:i + batch_size]
+            prompts = [tok.encode(*[(pr, bos) for pr, _, bos in [tok.chat(q)]][0]) for q in qs]
+            outs = generate(model, prompts, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+            for q, o in zip(qs, outs):
+                cache[q] = tok.decode(o).strip()
+                f.write(json.dumps({"question": q, "refusal": cache[q]}) + "\n")
+            f.flush()
+    return [Pair(p.question, p.harmful, p.refusal or cache[p.question], p.category) for p in pairs]
