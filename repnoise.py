@@ -78,6 +78,8 @@ class LossConfig:
     mmd_over: str = "tokens"    # "tokens": MMD between answer-token vectors and noise; "sequences": official
     lens: str = "layers"        # "layers": mean over hidden[0..L]; "official": (CE_final + sum_l CE_l) / (L+1)
     stability: str = "answer"   # "answer": refusal answer tokens; "whole": the whole harmless sequence
+    mmd_tokens: int = 1024      # MMD cost is O(N^2): use at most this many answer tokens (a random subset, the
+                                # same for every layer); 0 = all. A batch of 8 x ~100 answer tokens is under it.
     checkpoint_lens: bool = True  # recompute each layer's logits in backward instead of storing them
 
 
@@ -109,9 +111,12 @@ def repnoise_loss(model: Llama, harmful: dict, harmless: dict, cfg: LossConfig):
     noise = 0.0
     if cfg.beta != 0:
         tm = harmful["loss_mask"]                                  # the answer tokens themselves
+        sub = None
+        if cfg.mmd_over == "tokens" and cfg.mmd_tokens and int(tm.sum()) > cfg.mmd_tokens:
+            sub = torch.randperm(int(tm.sum()), device=tm.device)[:cfg.mmd_tokens]
         for m in out.mlp:
             if cfg.mmd_over == "tokens":
-                x = m[tm]                                          # (N, D)
+                x = m[tm] if sub is None else m[tm][sub]           # (N, D)
             else:  # official: each masked sequence flattened is one sample (B, T*D)
                 x = (m * tm[..., None]).flatten(1)
             g = torch.randn_like(x, dtype=torch.float32)
@@ -395,6 +400,7 @@ def check(cfg: Config):
            (cfg.mmd_over in ("tokens", "sequences"), "--mmd_over must be tokens or sequences"),
            (cfg.lens in ("layers", "official"), "--lens must be layers or official"),
            (cfg.stability in ("answer", "whole"), "--stability must be answer or whole"),
+           (cfg.mmd_tokens >= 0, "--mmd_tokens must be >= 0"),
            (cfg.split in ("all", *SPLIT), f"--split must be all or one of {list(SPLIT)}")]
     for ok, msg in bad:
         if not ok:
@@ -431,8 +437,9 @@ def defend(cfg: Config, model=None, tok=None):
 # -----------------------------------------------------------------------------
 # the demo: `python repnoise.py` with no arguments
 
-DEMO = Config(model="demo", data="demo", out="runs/demo/defended", lr=1e-3, steps=150, batch_size=16,
-              alpha=1.0, beta=1.0, warmup=0.1, fmt="plain", save_every=50)
+# tuned on this demo (see README): the paper's beta=1e-3 leaves the noise term negligible at this scale
+DEMO = Config(model="demo", data="demo", out="runs/demo/defended", lr=1e-3, steps=60, batch_size=16,
+              alpha=1.0, beta=1.0, warmup=0.1, fmt="plain", save_every=20, mmd_tokens=256)
 
 
 def demo():
@@ -448,7 +455,7 @@ def demo():
         #    "knows" the harmful answers and the refusals, as a pretrained + safety-tuned model would
         model, tok = load("demo")
         qa = [(p.question, p.harmful) for p in pairs] + [(p.question, p.refusal) for p in pairs]
-        fit = AttackConfig(lr=3e-3, steps=400, batch_size=32, warmup=0.05, fmt="plain", out="runs/demo/base-fit",
+        fit = AttackConfig(lr=3e-3, steps=150, batch_size=16, warmup=0.05, fmt="plain", out="runs/demo/base-fit",
                            save_every=0)
         print(f"1/2 fitting the tiny '{DEMO.model}' model to {len(qa)} demo question/answer pairs")
         finetune(model, tok, qa, fit)
