@@ -1,0 +1,181 @@
+"""Speed and memory benchmark (not a test): prints a table and writes JSON.
+
+    python scripts/bench.py                         # tiny + smollm2-135m-shaped (random init), fp32 and bf16
+    python scripts/bench.py --configs smollm2-135m --precisions bf16 --out bench.json
+
+Each measurement runs in its own subprocess so peak RSS is that measurement's own. When `transformers` is
+importable, the same work is also done by transformers in the same run (a RepNoise step with the official
+semantics: hooks on every module, the LM head on every hidden state over the whole sequence), with ratios.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def batch(vocab, B, T, seed=0):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    am = torch.ones(B, T, dtype=torch.long)
+    lm = torch.zeros(B, T, dtype=torch.bool)
+    lm[:, T // 2:] = True  # second half of each sequence is the answer
+    return {"input_ids": ids, "attention_mask": am, "loss_mask": lm}
+
+
+def hf_model(cfg):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    c = LlamaConfig(hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                    num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.ffn_dim,
+                    vocab_size=cfg.vocab_size, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+                    rms_norm_eps=cfg.norm_eps, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return LlamaForCausalLM(c)
+
+
+def hf_official_repnoise(model, harmful, harmless, beta=1e-3, alpha=1.0):
+    """The official loss's computation pattern on transformers (hooks on every module, full-sequence logit lens
+    on all hidden states), with the masks given explicitly; for timing only."""
+    import torch
+    import torch.nn.functional as F
+    from repnoise import mmd
+    acts, handles = {}, []
+    for name, mod in model.named_modules():
+        if name.endswith(".mlp"):
+            handles.append(mod.register_forward_hook(lambda m, i, o, name=name: acts.__setitem__(name, o)))
+    try:
+        out = model(harmful["input_ids"], attention_mask=harmful["attention_mask"], output_hidden_states=True)
+        mask = harmful["loss_mask"]
+        noise = sum(mmd((a * mask[..., None]).flatten(1), (torch.randn_like(a) * mask[..., None]).flatten(1))
+                    for a in acts.values()) / len(acts)
+
+        def ce(logits, b):
+            lab = b["input_ids"][:, 1:].masked_fill(~b["loss_mask"][:, 1:], -100)
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab.flatten())
+        harmful_ce = ce(out.logits, harmful)
+        for h in out.hidden_states:
+            harmful_ce = harmful_ce + ce(model.lm_head(model.model.norm(h)), harmful)
+        harmful_ce = harmful_ce / len(out.hidden_states) + 1
+        hl = model(harmless["input_ids"], attention_mask=harmless["attention_mask"])
+        return ce(hl.logits, harmless) + beta * noise - alpha * torch.log(harmful_ce)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def one(args):
+    """Run a single measurement in this process; print one JSON line."""
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    from model import PRESETS, Llama, generate
+    from repnoise import LossConfig, repnoise_loss
+    from attack import sft_loss
+    cfg = PRESETS[args.config]
+    hf = args.impl == "transformers"
+    model = hf_model(cfg) if hf else Llama.from_preset(args.config)
+    bf16 = args.precision == "bf16"
+    ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    B, T = args.batch, args.seq
+    h, s = batch(cfg.vocab_size, B, T, 1), batch(cfg.vocab_size, B, T, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    if args.what == "generate":
+        model.eval()
+        prompts = [h["input_ids"][i, :16].tolist() for i in range(8)]
+        if bf16:
+            model.to(torch.bfloat16)
+
+        def work():
+            with torch.no_grad():
+                if hf:
+                    ids = torch.tensor(prompts)
+                    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, min_new_tokens=64,
+                                   do_sample=False, pad_token_id=0)
+                else:
+                    generate(model, prompts, 64, stop_ids=())
+        units = 8 * 64
+    else:
+        def work():
+            with ac:
+                if args.what == "repnoise":
+                    loss = (hf_official_repnoise(model, h, s) if hf
+                            else repnoise_loss(model, h, s, LossConfig())[0])
+                elif hf:  # plain fine-tuning step
+                    lab = h["input_ids"].masked_fill(~h["loss_mask"], -100)
+                    loss = model(h["input_ids"], attention_mask=h["attention_mask"], labels=lab).loss
+                else:
+                    loss = sft_loss(model, h)[0]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        units = B * T * (2 if args.what == "repnoise" else 1)
+    work()  # warm-up
+    times = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - t0)
+    dt = sorted(times)[len(times) // 2]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
+    print(json.dumps({"s": dt, "per_s": units / dt, "peak_mib": peak}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="tiny,smollm2-135m")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--what", default="attack,repnoise,generate")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", default="tiny", help=argparse.SUPPRESS)
+    p.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        return one(args)
+    try:
+        import transformers  # noqa: F401
+        impls = ["ours", "transformers"]
+    except ImportError:
+        impls = ["ours"]
+        print("transformers not importable: measuring this codebase only")
+    import torch
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, batch {args.batch} x {args.seq} tokens")
+    rows = []
+    print(f"{'config':14} {'prec':5} {'what':9} {'impl':12} {'time s':>8} {'tok/s':>9} {'peak MiB':>9} {'ratio':>7}")
+    for c in args.configs.split(","):
+        for pr in args.precisions.split(","):
+            for w in args.what.split(","):
+                res = {}
+                for impl in impls:
+                    cmd = [sys.executable, __file__, "--one", "--config", c, "--precision", pr, "--what", w,
+                           "--impl", impl, "--batch", str(args.batch), "--seq", str(args.seq), "--iters", str(args.iters)]
+                    r = subprocess.run(cmd, capture_output=True, text=True)
+                    if r.returncode:
+                        print(f"{c} {pr} {w} {impl}: failed: {r.stderr.strip().splitlines()[-1]}")
+                        continue
+                    res[impl] = json.loads(r.stdout.strip().splitlines()[-1])
+                    ratio = ""
+                    if impl == "transformers" and "ours" in res:
+                        ratio = f"{res['transformers']['s'] / res['ours']['s']:.2f}x"
+                    m = res[impl]
+                    print(f"{c:14} {pr:5} {w:9} {impl:12} {m['s']:8.3f} {m['per_s']:9.0f} {m['peak_mib']:9.0f} {ratio:>7}")
+                    rows.append({"config": c, "precision": pr, "what": w, "impl": impl, **m})
+    Path(args.out).write_text(json.dumps({"torch": torch.__version__, "batch": args.batch, "seq": args.seq,
+                                          "rows": rows}, indent=2))
+    print(f"wrote {args.out}  (ratio = transformers time / ours; >1 means this codebase is faster)")
+
+
+if __name__ == "__main__":
+    main()
