@@ -15,3 +15,7 @@ def smollm2_path():
     if not (FIXTURE / "model.safetensors").exists():
         pytest.skip(f"real SmolLM2 fixture not built at {FIXTURE} (python ../shared/fixtures/build_smollm2.py)")
     return FIXTURE
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: the full CPU demo (minutes); deselect with -m 'not slow'")
