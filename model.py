@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -261,6 +262,7 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.grad_checkpointing = False  # activation checkpointing per block (training only)
 
     def init_weights(self, seed: int = 0, std: float = 0.02):
         """Random init for presets (real checkpoints overwrite everything)."""
@@ -309,7 +311,10 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(input_ids)
         hidden, mlp = ([x], []) if return_hidden else (None, None)
         for layer in self.model.layers:
-            x, m = layer(x, cos, sin, mask, cache)
+            if self.grad_checkpointing and self.training and cache is None:  # recompute the block in backward
+                x, m = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x, m = layer(x, cos, sin, mask, cache)
             if return_hidden:
                 hidden.append(x)
                 mlp.append(m)

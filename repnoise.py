@@ -160,6 +160,7 @@ class TrainConfig:
     device: str = "auto"        # auto -> cuda if available else cpu
     precision: str = "auto"     # auto -> bf16-mixed on CUDA, fp32 on CPU; also bf16-mixed, bf16-true, fp32
     compile: str = "auto"       # auto -> on for CUDA; "1"/"0" to force
+    act_ckpt: bool = False      # activation checkpointing per block: activations ~ block inputs only
     seed: int = 0
     save_every: int = 50        # steps between resumable checkpoints (0: only at the end)
     resume: bool = False
@@ -206,6 +207,7 @@ def train(model: Llama, step_loss, batches_from, total_steps: int, cfg: TrainCon
         dev = setup_distributed(dev)
     out.mkdir(parents=True, exist_ok=True)
     model.to(dev, torch.bfloat16 if prec == "bf16-true" else torch.float32)
+    model.grad_checkpointing = cfg.act_ckpt
     if comp:  # per block, in place: compile time ~ one block, and state_dict keys stay unprefixed
         for blk in model.model.layers:
             blk.compile()
@@ -226,6 +228,11 @@ def train(model: Llama, step_loss, batches_from, total_steps: int, cfg: TrainCon
         print0(f"resumed from {state} at step {step}/{total_steps}")
     elif cfg.resume:
         print0(f"no {state} to resume from: starting from step 0")
+    if not cfg.quiet:
+        e = memory_estimate(model.cfg, prec, world, cfg.batch_size * getattr(cfg, "max_len", 256), act_ckpt=cfg.act_ckpt)
+        print0(f"memory estimate per device ({e['params_b']:.2f}B params, {prec}, world {world}): "
+               f"weights {e['weights']:.1f} + grads {e['grads']:.1f} + AdamW {e['adam']:.1f} + "
+               f"activations <= {e['activations']:.1f} = {e['total']:.1f} GiB")
     if rank == 0:
         (out / "run.json").write_text(json.dumps(run_info | {
             "resolved": {"device": dev, "precision": prec, "compile": comp, "world_size": world},
@@ -289,6 +296,23 @@ def train(model: Llama, step_loss, batches_from, total_steps: int, cfg: TrainCon
             state.unlink()  # the caller saves the finished model; the resume state is stale now
     model.eval()
     return model
+
+
+def memory_estimate(cfg, prec: str, world: int = 1, tokens: int = 8 * 256, halves: int = 2, act_ckpt=False) -> dict:
+    """Rough GiB per device: weights, grads and AdamW state (sharded over `world` by FSDP2), plus activations
+    for `tokens` tokens per micro-batch and forward (~34 * dim bytes per token per layer in 16-bit,
+    Korthikanti et al. 2022, with fused attention; x2 in fp32; RepNoise runs 2 forwards: halves=2)."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        n = sum(p.numel() for p in Llama(cfg).parameters())
+    w = 2 if prec == "bf16-true" else 4
+    act_b = 2 if prec.startswith("bf16") else 4
+    dim, layers = cfg.dim, cfg.n_layers
+    g = 2 ** 30
+    est = {"params_b": n / 1e9, "weights": n * w / world / g, "grads": n * w / world / g,
+           "adam": n * 2 * w / world / g,
+           "activations": halves * tokens * dim * act_b * (layers + 17 if act_ckpt else 17 * layers) / g}
+    est["total"] = est["weights"] + est["grads"] + est["adam"] + est["activations"]
+    return est
 
 
 def to_device(batch, dev):

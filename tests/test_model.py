@@ -358,3 +358,30 @@ def test_transformers_parity_smollm2(smollm2, smollm2_path):
     ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog, and then it runs away.")])
     with torch.no_grad():
         assert (m(ids).logits - hf(ids).logits).abs().max().item() < 1e-4
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from repnoise import LossConfig, repnoise_loss
+    from test_repnoise import make_pair
+    grads = []
+    for ckpt in (False, True):
+        m = random_model("gqa")
+        m.grad_checkpointing = ckpt
+        m.train()
+        h, s = make_pair(7)
+        torch.manual_seed(0)
+        repnoise_loss(m, h, s, LossConfig(alpha=1, beta=1))[0].backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_sampling_seeded_and_top_p_limit():
+    m = random_model("gqa")
+    prompts = [[1, 2, 3], [4, 5]]
+    a = generate(m, prompts, 10, temperature=1.0, seed=0)
+    assert a == generate(m, prompts, 10, temperature=1.0, seed=0) != generate(m, prompts, 10, temperature=1.0, seed=1)
+    # a vanishing nucleus keeps only the most likely token: sampling becomes greedy
+    assert generate(m, prompts, 10, temperature=1.0, top_p=1e-6, seed=3) == generate(m, prompts, 10)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(m, prompts, 2, temperature=1.0, top_p=0)
