@@ -8,17 +8,19 @@ Same loop, precision, compile and checkpointing as repnoise.py (repnoise.train).
 `python attack.py --model runs/defended --data decodingtrust --lr 3e-5 --n 1000 --out runs/attacked` for real.
 """
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import data
 from model import load
-from repnoise import SPLIT, TrainConfig, build_cli, cli_main, save_model, train
+from repnoise import SPLIT, TrainConfig, answer_positions, build_cli, cli_main, lens_ce, save_model, train
 
 
 @dataclass
@@ -34,26 +36,95 @@ class AttackConfig(TrainConfig):
     data_seed: int = 0
     lr: float = 3e-5
     warmup: float = 0.1
+    lora_r: int = 0             # > 0: LoRA attack of this rank instead of full fine-tuning
+    lora_alpha: float = 16.0    # LoRA update scale is lora_alpha / lora_r
+    lora_targets: str = "all"   # comma-separated projection names, or "all" (every linear layer in the blocks)
 
 
 def sft_loss(model, batch):
-    """Mean CE over the loss_mask tokens (answer tokens; never padding)."""
-    out = model(batch["input_ids"], batch["attention_mask"])
-    logits, tgt = out.logits[:, :-1], batch["input_ids"][:, 1:]
-    m = batch["loss_mask"][:, 1:]
-    loss = F.cross_entropy(logits[m].float(), tgt[m])
+    """Mean CE over the loss_mask tokens (answer tokens; never padding). The LM head runs only at the positions
+    that predict them, chunked (repnoise.lens_ce): no (B, T, vocab) logits."""
+    out = model(batch["input_ids"], batch["attention_mask"], logits=False, return_hidden=True)
+    b, t, y = answer_positions(batch)
+    loss = lens_ce(model, out.hidden[-1][b, t], y)
     return loss, {"loss": loss.item()}
 
 
+# -----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): many follow-up evaluations of RepNoise attack with LoRA instead of full fine-tuning
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable rank-r update: y = base(x) + (alpha / r) * x A^T B^T.
+    A (r, in) is Kaiming-uniform and B (out, r) is zero, as in the LoRA paper and peft, so training starts
+    from the unchanged model."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base, self.scale = base, alpha / r
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
+
+
+def lora_targets(spec: str) -> list[str]:
+    names = list(LINEARS) if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+    bad = [t for t in names if t not in LINEARS]
+    if bad or not names:
+        raise ValueError(f"--lora_targets: unknown {bad or spec!r} (use 'all' or some of {', '.join(LINEARS)})")
+    return names
+
+
+def add_lora(model, r: int, alpha: float, targets: str = "all"):
+    """Freeze every parameter and wrap the target projections of every block in LoRALinear. Returns the model."""
+    names = lora_targets(targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for blk in model.model.layers:
+        for parent in (blk.self_attn, blk.mlp):
+            for n in names:
+                if hasattr(parent, n):
+                    setattr(parent, n, LoRALinear(getattr(parent, n), r, alpha))
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every LoRA update into its base weight (W += scale * B A, in fp32) and unwrap it, so the model has
+    plain HF parameter names again and saves as an ordinary checkpoint. Unfreezes all parameters."""
+    for blk in model.model.layers:
+        for parent in (blk.self_attn, blk.mlp):
+            for n, mod in list(parent.named_children()):
+                if isinstance(mod, LoRALinear):
+                    w = mod.base.weight
+                    w.copy_((w.float() + mod.scale * (mod.lora_B.float() @ mod.lora_A.float())).to(w.dtype))
+                    setattr(parent, n, mod.base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
 def finetune(model, tok, qa: list[tuple[str, str]], cfg: AttackConfig):
-    """Fine-tune `model` in place on (question, answer) pairs; returns the model. Logs to cfg.out/log.jsonl."""
+    """Fine-tune `model` in place on (question, answer) pairs; returns the model. Logs to cfg.out/log.jsonl.
+    With cfg.lora_r > 0 only LoRA adapters train, and they are merged into the weights at the end."""
     if not qa:
         raise SystemExit("error: the attack has no training pairs")
+    if cfg.lora_r < 0:
+        raise SystemExit("error: --lora_r must be >= 0 (0 = full fine-tuning)")
     steps = cfg.steps or max(1, int(cfg.epochs * len(qa) / (cfg.batch_size * cfg.grad_accum)))
     fmt = cfg.fmt or None
     batches = lambda k: data.sft_batches(qa, tok, cfg.batch_size, cfg.max_len, fmt, cfg.seed, start_batch=k,
                                          whole_sequence=cfg.whole_sequence)
-    return train(model, sft_loss, batches, steps, cfg, Path(cfg.out), {"config": dataclasses.asdict(cfg), "n": len(qa)})
+    if cfg.lora_r:
+        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+    train(model, sft_loss, batches, steps, cfg, Path(cfg.out), {"config": dataclasses.asdict(cfg), "n": len(qa)})
+    return merge_lora(model) if cfg.lora_r else model
 
 
 def attack_pairs(cfg: AttackConfig):
@@ -74,7 +145,7 @@ def attack(cfg: AttackConfig, model=None, tok=None):
     if not cfg.quiet:
         print(f"attack: {len(qa)} harmful samples from {cfg.data!r} ({cfg.split}), lr={cfg.lr}, seed={cfg.seed}")
     finetune(model, tok, qa, cfg)
-    save_model(model, Path(cfg.out) / "model", tok)
+    save_model(model, Path(cfg.out), tok)
     return model, tok
 
 
@@ -100,9 +171,15 @@ def grid(argv):
     p.add_argument("--n_test", type=int, default=100)
     p.add_argument("--max_new_tokens", type=int, default=50)
     p.add_argument("--precision", default="auto")
+    p.add_argument("--lora_r", type=int, default=0, help="> 0: LoRA attacks of this rank (see AttackConfig)")
+    p.add_argument("--lora_alpha", type=float, default=16.0)
+    p.add_argument("--lora_targets", default="all")
     p.add_argument("--out", default="runs/grid")
     a = p.parse_args(argv)
     lrs, ns, seeds = ([t(x) for x in s.split(",")] for s, t in ((a.lrs, float), (a.ns, int), (a.seeds, int)))
+    lora = f"-lora{a.lora_r}" if a.lora_r else ""   # LoRA cells get their own folders: no mix-up on resume
+    if a.lora_r:
+        lora_targets(a.lora_targets)                  # a typo fails now, not after the first cells
     test = data.split(data.load_pairs(a.data), SPLIT, 0)["test"][:a.n_test]
     fmt, out = a.fmt or None, Path(a.out)
 
@@ -127,18 +204,19 @@ def grid(argv):
         for lr in lrs:
             for n in ns:
                 for seed in seeds:
-                    d = out / name / f"lr{lr:g}-n{n}-s{seed}"
+                    d = out / name / f"lr{lr:g}-n{n}-s{seed}{lora}"
 
                     def make():
                         model, tok = load(m)
                         cfg = AttackConfig(model=m, data=a.data, lr=lr, n=n, seed=seed, epochs=a.epochs, fmt=a.fmt,
                                            batch_size=a.batch_size, max_len=a.max_len, out=str(d), save_every=0,
-                                           precision=a.precision, quiet=True)
+                                           precision=a.precision, quiet=True, lora_r=a.lora_r,
+                                           lora_alpha=a.lora_alpha, lora_targets=a.lora_targets)
                         finetune(model, tok, attack_pairs(cfg), cfg)
                         return run_eval(model, tok, d)
                     results[name][(lr, n, seed)] = cell(d, make)
     # the table: mean (spread over seeds) of each metric per model and attack
-    for metric in ("harmful_loss", "refusal_rate", "harm_overlap", "harmless_loss"):
+    for metric in ("harmful_loss", "harmless_loss", "refusal_rate", "harm_overlap", "degenerate_rate"):
         print(f"\n{metric}: mean ± std over seeds {seeds}")
         heads = ["pre-attack"] + [f"lr {lr:g} n {n}" for lr in lrs for n in ns]
         print(f"{'model':20}" + "".join(f"{h:>20}" for h in heads))
@@ -150,10 +228,10 @@ def grid(argv):
                     sd = statistics.stdev(v) if len(v) > 1 else 0.0
                     row.append(f"{statistics.mean(v):.3f} ± {sd:.3f}" if v else "-")
             print(f"{name:20}" + "".join(f"{c:>20}" for c in row))
-    flat = {name: {k if isinstance(k, str) else f"lr{k[0]:g}-n{k[1]}-s{k[2]}": v for k, v in r.items()}
+    flat = {name: {k if isinstance(k, str) else f"lr{k[0]:g}-n{k[1]}-s{k[2]}{lora}": v for k, v in r.items()}
             for name, r in results.items()}
     (out / "grid.json").write_text(json.dumps({"data": a.data, "lrs": lrs, "ns": ns, "seeds": seeds,
-                                               "results": flat}, indent=2))
+                                               "lora_r": a.lora_r, "results": flat}, indent=2))
     print(f"\nwrote {out / 'grid.json'}")
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import data
 from model import Llama, load
@@ -47,9 +46,47 @@ def mmd(x, y, kernel_mul=2.0, kernel_num=5):
     return k[:N, :N].mean() + k[N:, N:].mean() - 2 * k[:N, N:].mean()
 
 
-def lens_ce(model, h, targets):
+class LinearCE(torch.autograd.Function):
+    """sum_i w_i * CE(x_i W^T, y_i) with the gradients computed during the forward, `chunk` rows at a time:
+    the (chunk, V) logits exist one chunk at a time and are never stored or recomputed in backward. The loss is
+    linear in its upstream gradient g, so backward only scales the stored (N, D) and (V, D) gradients by g.
+    (The fused linear cross-entropy of Liger-Kernel, in plain PyTorch.) Under autocast the matmuls run in bf16
+    and the softmax in fp32, as they would unfused."""
+
+    @staticmethod
+    def forward(ctx, x, W, y, w, chunk):
+        acc = torch.promote_types(x.dtype, torch.float32)                           # softmax/accumulation dtype
+        ce = torch.empty(x.shape[0], device=x.device, dtype=acc)                    # per-row CE, for logging
+        gx = torch.empty_like(x)                                                     # (N, D)
+        gW = torch.zeros(W.shape, device=W.device, dtype=acc)                       # (V, D) accumulator
+        for s in range(0, x.shape[0], chunk):
+            xc, yc = x[s:s + chunk], y[s:s + chunk]
+            lsm = torch.log_softmax((xc @ W.T).to(acc), -1)                          # (c, V) log-probabilities
+            ce[s:s + chunk] = -lsm.gather(1, yc[:, None])[:, 0]
+            g = lsm.exp_()                                                           # softmax, in place
+            g[torch.arange(len(yc), device=g.device), yc] -= 1                       # dCE/dlogits
+            g = g.mul_(w[s:s + chunk, None].to(acc)).to(W.dtype)
+            gx[s:s + chunk] = g @ W
+            gW += g.T @ xc
+        ctx.save_for_backward(gx, gW.to(W.dtype))
+        ctx.mark_non_differentiable(ce)
+        return (ce * w).sum(), ce
+
+    @staticmethod
+    def backward(ctx, g, _):
+        gx, gW = ctx.saved_tensors
+        return gx * g, gW * g, None, None, None
+
+
+def linear_ce(x, W, y, w=None, chunk=1024):
+    """(sum_i w_i CE(x_i W^T, y_i), per-row CE (N,)); w defaults to 1/N (the mean). x (N, D), W (V, D), y (N,)."""
+    w = torch.full((x.shape[0],), 1.0 / x.shape[0], device=x.device) if w is None else w
+    return LinearCE.apply(x, W, y, w, chunk)
+
+
+def lens_ce(model, h, targets, chunk=1024):
     """Logit-lens CE: final norm + LM head on residuals h (N, D), mean CE against targets (N,)."""
-    return F.cross_entropy(model.head(h).float(), targets)
+    return linear_ce(model.model.norm(h), model.lm_head.weight, targets, chunk=chunk)[0]
 
 
 def answer_positions(batch):
@@ -80,13 +117,13 @@ class LossConfig:
     stability: str = "answer"   # "answer": refusal answer tokens; "whole": the whole harmless sequence
     mmd_tokens: int = 1024      # MMD cost is O(N^2): use at most this many answer tokens (a random subset, the
                                 # same for every layer); 0 = all. A batch of 8 x ~100 answer tokens is under it.
-    checkpoint_lens: bool = True  # recompute each layer's logits in backward instead of storing them
+    lens_chunk: int = 1024      # logit-lens rows per chunk: memory ~ lens_chunk x vocab x 4 bytes at a time
 
 
 def repnoise_loss(model: Llama, harmful: dict, harmless: dict, cfg: LossConfig):
     """harmful / harmless: batches from data.collate (input_ids, attention_mask, loss_mask: (B, T)).
     Returns (total loss, dict of float terms). Two forwards (one per half); the LM head is applied only at
-    the answer positions, one layer at a time, so (layers x batch x seq x vocab) logits never exist."""
+    the answer positions, in chunks of cfg.lens_chunk rows, so (layers x batch x seq x vocab) logits never exist."""
     if cfg.mask == "diff":  # reproduce the official mask on both halves
         dm = diff_mask(harmful, harmless)
         harmful = dict(harmful, loss_mask=dm[:, :harmful["input_ids"].shape[1]])
@@ -99,7 +136,7 @@ def repnoise_loss(model: Llama, harmful: dict, harmless: dict, cfg: LossConfig):
     b, t, y = answer_positions(harmless)
     if len(y) == 0:
         raise ValueError("harmless batch has no answer tokens (check loss_mask / max_len)")
-    stability = lens_ce(model, out.hidden[-1][b, t], y)
+    stability = lens_ce(model, out.hidden[-1][b, t], y, cfg.lens_chunk)
 
     # harmful forward: residual stream and MLP outputs
     out = model(harmful["input_ids"], harmful["attention_mask"], logits=False, return_hidden=True)
@@ -125,17 +162,15 @@ def repnoise_loss(model: Llama, harmful: dict, harmless: dict, cfg: LossConfig):
             noise = noise + mmd(x, g)
         noise = noise / len(out.mlp)
 
-    # ascent term: logit-lens CE on the harmful answer tokens at every residual layer
-    ce = []
-    for h in out.hidden:
-        hs = h[b, t]                                               # (N, D): gather before the LM head
-        ce.append(checkpoint(lens_ce, model, hs, y, use_reentrant=False) if cfg.checkpoint_lens and hs.requires_grad
-                  else lens_ce(model, hs, y))
-    ce = torch.stack(ce)                                           # (L+1,): hidden[L] gives the final logits
+    # ascent term: logit-lens CE on the harmful answer tokens at every residual layer, as one fused pass over
+    # the stacked rows (bigger matmuls than one layer at a time); hidden[L] through the head = the final logits
+    L1, N = len(out.hidden), len(y)
+    xs = model.model.norm(torch.stack([h[b, t] for h in out.hidden]))     # (L+1, N, D): gathered before the head
+    w = torch.full((L1, N), 1.0 / (L1 * N), device=y.device)              # mean over tokens, then over layers
     if cfg.lens == "official":  # final logits counted once more, divided by the number of hidden states
-        lens_mean = (ce[-1] + ce.sum()) / len(ce)
-    else:
-        lens_mean = ce.mean()
+        w[-1] *= 2
+    lens_mean, rows = linear_ce(xs.flatten(0, 1), model.lm_head.weight, y.repeat(L1), w.flatten(), cfg.lens_chunk)
+    ce = rows.view(L1, N).mean(1)                                          # (L+1,) per-layer CE, for logging
     ascent = torch.log(lens_mean + 1)
 
     total = stability + cfg.beta * noise - cfg.alpha * ascent
@@ -213,12 +248,15 @@ def train(model: Llama, step_loss, batches_from, total_steps: int, cfg: TrainCon
             blk.compile()
     if world > 1:
         shard(model, prec)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    params = [p for p in model.parameters() if p.requires_grad]   # all of them, or only LoRA adapters
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95), fused=dev.startswith("cuda"))
     step, state = 0, out / "state.pt"
+    if cfg.resume and not state.exists() and (out / "model" / "config.json").exists():
+        raise SystemExit(f"error: {out} already finished (its model is in {out / 'model'}); nothing to resume")
     if cfg.resume and state.exists():
         ck = torch.load(state, map_location="cpu", weights_only=False)
         if ck["total_steps"] != total_steps:
@@ -229,10 +267,13 @@ def train(model: Llama, step_loss, batches_from, total_steps: int, cfg: TrainCon
     elif cfg.resume:
         print0(f"no {state} to resume from: starting from step 0")
     if not cfg.quiet:
-        e = memory_estimate(model.cfg, prec, world, cfg.batch_size * getattr(cfg, "max_len", 256), act_ckpt=cfg.act_ckpt)
+        rn = hasattr(cfg, "mmd_tokens")  # RepNoise: two forwards and the MMD; the attack: one forward
+        e = memory_estimate(model.cfg, prec, world, cfg.batch_size * getattr(cfg, "max_len", 256), 2 if rn else 1,
+                            cfg.act_ckpt, getattr(cfg, "mmd_tokens", 0))
         print0(f"memory estimate per device ({e['params_b']:.2f}B params, {prec}, world {world}): "
-               f"weights {e['weights']:.1f} + grads {e['grads']:.1f} + AdamW {e['adam']:.1f} + "
-               f"activations <= {e['activations']:.1f} = {e['total']:.1f} GiB")
+               f"weights {e['weights']:.1f} + grads {e['grads']:.1f} + AdamW {e['adam']:.1f} + bf16 copies "
+               f"{e['bf16_copies']:.1f} + activations <= {e['activations']:.1f} + MMD {e['mmd']:.1f} "
+               f"= {e['total']:.1f} GiB")
     if rank == 0:
         (out / "run.json").write_text(json.dumps(run_info | {
             "resolved": {"device": dev, "precision": prec, "compile": comp, "world_size": world},
@@ -242,7 +283,13 @@ def train(model: Llama, step_loss, batches_from, total_steps: int, cfg: TrainCon
                 else contextlib.nullcontext())
     k = step * cfg.grad_accum * world                  # global index of the next micro-batch
     it = batches_from(k)
-    log = open(out / "log.jsonl", "a" if cfg.resume else "w") if rank == 0 else None
+    log = None
+    if rank == 0:  # a resumed run keeps the log lines of the steps before its checkpoint, and redoes the rest
+        f = out / "log.jsonl"
+        old = f.read_text().splitlines() if step and f.exists() else []
+        f.with_suffix(".tmp").write_text("".join(x + "\n" for x in old if json.loads(x)["step"] < step))
+        os.replace(f.with_suffix(".tmp"), f)
+        log = open(f, "a")
     from tqdm import tqdm
     bar = tqdm(range(step, total_steps), initial=step, total=total_steps, disable=cfg.quiet or rank > 0, desc=out.name)
     model.train()
@@ -292,26 +339,32 @@ def train(model: Llama, step_loss, batches_from, total_steps: int, cfg: TrainCon
                 atomic_save(ck | {"step": step + 1, "total_steps": total_steps}, state)
     if log:
         log.close()
-        if state.exists():
-            state.unlink()  # the caller saves the finished model; the resume state is stale now
-    model.eval()
+    model.eval()   # out/state.pt stays until save_model has written the finished model
     return model
 
 
-def memory_estimate(cfg, prec: str, world: int = 1, tokens: int = 8 * 256, halves: int = 2, act_ckpt=False) -> dict:
-    """Rough GiB per device: weights, grads and AdamW state (sharded over `world` by FSDP2), plus activations
-    for `tokens` tokens per micro-batch and forward (~34 * dim bytes per token per layer in 16-bit,
-    Korthikanti et al. 2022, with fused attention; x2 in fp32; RepNoise runs 2 forwards: halves=2)."""
+def memory_estimate(cfg, prec: str, world: int = 1, tokens: int = 8 * 256, halves: int = 2, act_ckpt=False,
+                    mmd_tokens: int = 1024) -> dict:
+    """Rough GiB per device: weights, grads and AdamW state (sharded over `world` by FSDP2); the bf16 weight
+    copies (autocast's cache in one process, FSDP2's gathered block and its prefetch otherwise); activations for
+    `tokens` tokens per micro-batch and forward (~34 * dim bytes per token per layer in 16-bit, Korthikanti et al.
+    2022, with fused attention; x2 in fp32; RepNoise runs 2 forwards: halves=2); and the noise term's MMD, which
+    keeps ~6 (2N x 2N) fp32 kernel matrices per layer for backward, N = min(mmd_tokens, tokens)."""
     with torch.device("meta"):  # shapes only: nothing is allocated
-        n = sum(p.numel() for p in Llama(cfg).parameters())
+        model = Llama(cfg)
+        n = sum(p.numel() for p in model.parameters())
+        per_block = sum(p.numel() for p in model.model.layers[0].parameters())
     w = 2 if prec == "bf16-true" else 4
     act_b = 2 if prec.startswith("bf16") else 4
     dim, layers = cfg.dim, cfg.n_layers
     g = 2 ** 30
+    k = 2 * min(mmd_tokens or tokens, tokens)
     est = {"params_b": n / 1e9, "weights": n * w / world / g, "grads": n * w / world / g,
            "adam": n * 2 * w / world / g,
-           "activations": halves * tokens * dim * act_b * (layers + 17 if act_ckpt else 17 * layers) / g}
-    est["total"] = est["weights"] + est["grads"] + est["adam"] + est["activations"]
+           "bf16_copies": (0 if prec != "bf16-mixed" else n * 2 / g if world == 1 else 2 * per_block * 2 / g),
+           "activations": halves * tokens * dim * act_b * (layers + 17 if act_ckpt else 17 * layers) / g,
+           "mmd": layers * (6 * k * k + 2 * k * dim) * 4 / g if halves == 2 else 0.0}
+    est["total"] = sum(v for key, v in est.items() if key != "params_b")
     return est
 
 
@@ -375,11 +428,13 @@ def load_train_state(model, opt, ck, world):
                    options=StateDictOptions(full_state_dict=True))
 
 
-def save_model(model, path, tok):
-    """Rank 0 writes the full HF checkpoint (gathered from the shards when distributed)."""
+def save_model(model, out: Path, tok):
+    """Rank 0 writes the full HF checkpoint to out/model (gathered from the shards when distributed), then
+    deletes the resume state out/state.pt: only once the finished model is on disk, so no work is lost."""
     sd = full_state_dict(model)
     if int(os.environ.get("RANK", 0)) == 0:
-        model.save_pretrained(path, extra_files=tok.files if tok else (), state_dict=sd)
+        model.save_pretrained(out / "model", extra_files=tok.files if tok else (), state_dict=sd)
+        (out / "state.pt").unlink(missing_ok=True)
 
 
 def git_rev():
@@ -424,7 +479,7 @@ def check(cfg: Config):
            (cfg.mmd_over in ("tokens", "sequences"), "--mmd_over must be tokens or sequences"),
            (cfg.lens in ("layers", "official"), "--lens must be layers or official"),
            (cfg.stability in ("answer", "whole"), "--stability must be answer or whole"),
-           (cfg.mmd_tokens >= 0, "--mmd_tokens must be >= 0"),
+           (cfg.mmd_tokens >= 0, "--mmd_tokens must be >= 0"), (cfg.lens_chunk >= 1, "--lens_chunk must be >= 1"),
            (cfg.split in ("all", *SPLIT), f"--split must be all or one of {list(SPLIT)}")]
     for ok, msg in bad:
         if not ok:
@@ -454,7 +509,7 @@ def defend(cfg: Config, model=None, tok=None):
         print(f"RepNoise: {len(pairs)} pairs from {cfg.data!r}, {steps} steps, alpha={cfg.alpha} beta={cfg.beta} lr={cfg.lr}")
     pb = lambda k: ({"harmful": h, "harmless": s} for h, s in batches(k))
     train(model, step_loss, pb, steps, cfg, out, {"config": dataclasses.asdict(cfg), "n_pairs": len(pairs)})
-    save_model(model, out / "model", tok)
+    save_model(model, out, tok)
     return model, tok
 
 

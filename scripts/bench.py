@@ -89,7 +89,7 @@ def one(args):
 
     if args.what == "generate":
         model.eval()
-        prompts = [h["input_ids"][i, :16].tolist() for i in range(8)]
+        prompts = batch(cfg.vocab_size, 8, 16, 3)["input_ids"].tolist()   # batch 8, 16-token prompts
         if bf16:
             model.to(torch.bfloat16)
 

@@ -81,3 +81,59 @@ def test_demo_defence_survives_the_demo_attack(tmp_path):
     assert dfd["harmful_loss"] > 5 * base["harmful_loss"]              # the defence removed the harmful answers
     assert dfd["harmless_loss"] < base["harmless_loss"] + 0.2           # and kept the refusals
     assert adfd["harmful_loss"] > 2 * abase["harmful_loss"]             # the attack recovers less of them
+
+
+def test_lora_starts_at_the_base_model_and_learns_a_rank_r_update(tmp_path):
+    from attack import LINEARS, LoRALinear, add_lora, finetune, merge_lora
+    base, tok = load("tiny")
+    w0 = {k: v.clone() for k, v in base.state_dict().items()}
+    x = torch.tensor([TOK.encode("Question: hi\nAnswer: there", bos=True)])
+    ref = base(x).logits
+    model, _ = load("tiny")
+    add_lora(model, r=2, alpha=4.0, targets="q_proj,down_proj")
+    torch.testing.assert_close(model(x).logits, ref, rtol=0, atol=0)      # B = 0: exactly the base model
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"model.layers.{i}.{m}.{p}.lora_{ab}" for i in range(2) for m, p in (("self_attn", "q_proj"), ("mlp", "down_proj"))
+        for ab in "AB"}
+    # train the adapters only, on the demo's harmful answers
+    cfg = AttackConfig(model="tiny", lr=1e-2, steps=4, batch_size=4, max_len=96, fmt="plain", out=str(tmp_path),
+                       save_every=0, quiet=True, lora_r=2, lora_alpha=4.0, lora_targets="q_proj,down_proj")
+    model, _ = load("tiny")
+    add_lora(model, 2, 4.0, "q_proj,down_proj")
+    from repnoise import train
+    train(model, sft_loss, lambda k: data.sft_batches(attack_pairs(cfg), TOK, 4, 96, "plain", start_batch=k), 4, cfg,
+          tmp_path, {})
+    for n, p in model.named_parameters():                                # frozen weights did not move
+        if not n.endswith(("lora_A", "lora_B")):
+            assert torch.equal(p, w0[n.replace(".base.", ".")]), n
+    unmerged = model(x).logits
+    lora = {n: (m.lora_B @ m.lora_A * m.scale).detach() for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert set(model.state_dict()) == set(w0)                             # plain HF names again
+    torch.testing.assert_close(model(x).logits, unmerged, rtol=1e-5, atol=1e-5)
+    for n, p in model.state_dict().items():
+        d = p - w0[n]
+        if n.removesuffix(".weight") in lora:
+            torch.testing.assert_close(d, lora[n.removesuffix(".weight")], rtol=1e-5, atol=1e-6)
+            assert 0 < torch.linalg.matrix_rank(d).item() <= 2, n         # a rank-2 update, not a full one
+        else:
+            assert torch.equal(d, torch.zeros_like(d)), n
+    assert set(LINEARS) >= {"q_proj", "down_proj"}
+
+
+def test_lora_attack_cli_saves_a_plain_checkpoint(tmp_path):
+    r = subprocess.run([sys.executable, "attack.py", "--model", "tiny", "--steps", "2", "--batch_size", "2",
+                        "--lora_r", "4", "--lr", "1e-2", "--out", str(tmp_path), "--quiet"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    model, _ = load(str(tmp_path))
+    base, _ = load("tiny")
+    assert set(model.state_dict()) == set(base.state_dict())
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed and all(k.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj") for k in changed)
+    bad = subprocess.run([sys.executable, "attack.py", "--model", "tiny", "--steps", "1", "--lora_r", "2",
+                          "--lora_targets", "qkv", "--out", str(tmp_path / "bad"), "--quiet"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--lora_targets: unknown" in bad.stderr and "Traceback" not in bad.stderr

@@ -97,3 +97,22 @@ def test_cli_smoke_writes_an_hf_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (out / "model" / "model.safetensors").exists() and (out / "model" / "config.json").exists()
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_memory_estimate_on_llama2_7b():
+    """Llama-2-7B has 6,738,415,616 parameters (its model card's 6.7B; the sum of its safetensors shapes).
+    fp32 master weights, grads and AdamW's two moments are 16 bytes a parameter, sharded over the GPUs."""
+    from model import ModelConfig
+    from repnoise import memory_estimate
+    cfg = ModelConfig.from_hf({"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
+                               "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 11008,
+                               "vocab_size": 32000, "tie_word_embeddings": False})
+    n, G = 6_738_415_616, 2 ** 30
+    e = memory_estimate(cfg, "bf16-mixed", world=4, tokens=2048, mmd_tokens=1024)
+    assert round(e["params_b"] * 1e9) == n
+    assert e["weights"] + e["grads"] + e["adam"] == pytest.approx(16 * n / 4 / G)
+    assert e["activations"] == pytest.approx(2 * 2048 * 34 * 4096 * 32 / G)    # 2 forwards x 34 bytes/token/dim/layer
+    assert e["mmd"] == pytest.approx(32 * (6 * 2048 ** 2 + 2 * 2048 * 4096) * 4 / G)
+    one = memory_estimate(cfg, "bf16-mixed", world=1, tokens=2048)
+    assert one["bf16_copies"] == pytest.approx(2 * n / G)                      # autocast's bf16 weight cache
+    assert memory_estimate(cfg, "bf16-true", world=1, tokens=2048)["weights"] == pytest.approx(2 * n / G)
