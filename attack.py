@@ -9,6 +9,7 @@ Same loop, precision, compile and checkpointing as repnoise.py (repnoise.train).
 """
 import dataclasses
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -97,7 +98,9 @@ def add_lora(model, r: int, alpha: float, targets: str = "all"):
 @torch.no_grad()
 def merge_lora(model):
     """Fold every LoRA update into its base weight (W += scale * B A, in fp32) and unwrap it, so the model has
-    plain HF parameter names again and saves as an ordinary checkpoint. Unfreezes all parameters."""
+    plain HF parameter names again and saves as an ordinary checkpoint. Unfreezes all parameters.
+    With bf16 weights (--precision bf16-true) the merged weight is rounded to bf16: updates smaller than about
+    1/256 of a weight are lost, so the saved model can differ slightly from the adapted one that was trained."""
     for blk in model.model.layers:
         for parent in (blk.self_attn, blk.mlp):
             for n, mod in list(parent.named_children()):
@@ -117,6 +120,8 @@ def finetune(model, tok, qa: list[tuple[str, str]], cfg: AttackConfig):
         raise SystemExit("error: the attack has no training pairs")
     if cfg.lora_r < 0:
         raise SystemExit("error: --lora_r must be >= 0 (0 = full fine-tuning)")
+    if cfg.lora_r and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # merging sharded adapters is not implemented
+        raise SystemExit("error: the LoRA attack runs in a single process, not under torchrun")
     steps = cfg.steps or max(1, int(cfg.epochs * len(qa) / (cfg.batch_size * cfg.grad_accum)))
     fmt = cfg.fmt or None
     batches = lambda k: data.sft_batches(qa, tok, cfg.batch_size, cfg.max_len, fmt, cfg.seed, start_batch=k,
@@ -177,9 +182,9 @@ def grid(argv):
     p.add_argument("--out", default="runs/grid")
     a = p.parse_args(argv)
     lrs, ns, seeds = ([t(x) for x in s.split(",")] for s, t in ((a.lrs, float), (a.ns, int), (a.seeds, int)))
-    lora = f"-lora{a.lora_r}" if a.lora_r else ""   # LoRA cells get their own folders: no mix-up on resume
+    lora = ""  # LoRA cells get folders named by all their settings: a resumed grid never mixes them up
     if a.lora_r:
-        lora_targets(a.lora_targets)                  # a typo fails now, not after the first cells
+        lora = f"-lora{a.lora_r}-a{a.lora_alpha:g}-" + "+".join(lora_targets(a.lora_targets))  # typos fail now
     test = data.split(data.load_pairs(a.data), SPLIT, 0)["test"][:a.n_test]
     fmt, out = a.fmt or None, Path(a.out)
 
@@ -231,7 +236,9 @@ def grid(argv):
     flat = {name: {k if isinstance(k, str) else f"lr{k[0]:g}-n{k[1]}-s{k[2]}{lora}": v for k, v in r.items()}
             for name, r in results.items()}
     (out / "grid.json").write_text(json.dumps({"data": a.data, "lrs": lrs, "ns": ns, "seeds": seeds,
-                                               "lora_r": a.lora_r, "results": flat}, indent=2))
+                                               "lora": {"r": a.lora_r, "alpha": a.lora_alpha,
+                                                        "targets": a.lora_targets} if a.lora_r else None,
+                                               "results": flat}, indent=2))
     print(f"\nwrote {out / 'grid.json'}")
 
 

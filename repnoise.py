@@ -55,31 +55,40 @@ class LinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, y, w, chunk):
+        dev = x.device.type
+        mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W.dtype   # matmul dtype
         acc = torch.promote_types(x.dtype, torch.float32)                           # softmax/accumulation dtype
+        Wm = W.to(mm)                                                                # cast once, not per chunk
         ce = torch.empty(x.shape[0], device=x.device, dtype=acc)                    # per-row CE, for logging
         gx = torch.empty_like(x)                                                     # (N, D)
-        gW = torch.zeros(W.shape, device=W.device, dtype=acc)                       # (V, D) accumulator
+        need_gW = ctx.needs_input_grad[1]                                            # False for a frozen head
+        gW = torch.zeros(W.shape, device=W.device, dtype=acc) if need_gW else None  # (V, D) accumulator
         for s in range(0, x.shape[0], chunk):
-            xc, yc = x[s:s + chunk], y[s:s + chunk]
-            lsm = torch.log_softmax((xc @ W.T).to(acc), -1)                          # (c, V) log-probabilities
+            xc, yc = x[s:s + chunk].to(mm), y[s:s + chunk]
+            lsm = torch.log_softmax((xc @ Wm.T).to(acc), -1)                         # (c, V) log-probabilities
             ce[s:s + chunk] = -lsm.gather(1, yc[:, None])[:, 0]
-            g = lsm.exp_()                                                           # softmax, in place
+            # softmax, in place. Probabilities below e^-80 become exactly 0: they would be fp32/bf16 denormals,
+            # which slow CPU matmuls ~70x (measured), and once the ascent term pushes the lens CE up they are common
+            g = lsm.masked_fill_(lsm < -80.0, -math.inf).exp_()
             g[torch.arange(len(yc), device=g.device), yc] -= 1                       # dCE/dlogits
-            g = g.mul_(w[s:s + chunk, None].to(acc)).to(W.dtype)
-            gx[s:s + chunk] = g @ W
-            gW += g.T @ xc
-        ctx.save_for_backward(gx, gW.to(W.dtype))
+            g = g.mul_(w[s:s + chunk, None].to(acc)).to(mm)
+            gx[s:s + chunk] = g @ Wm
+            if need_gW:
+                gW += g.T @ xc
+        ctx.save_for_backward(gx, gW.to(W.dtype) if need_gW else None)
         ctx.mark_non_differentiable(ce)
         return (ce * w).sum(), ce
 
     @staticmethod
     def backward(ctx, g, _):
         gx, gW = ctx.saved_tensors
-        return gx * g, gW * g, None, None, None
+        return gx * g, (gW * g if gW is not None else None), None, None, None
 
 
 def linear_ce(x, W, y, w=None, chunk=1024):
     """(sum_i w_i CE(x_i W^T, y_i), per-row CE (N,)); w defaults to 1/N (the mean). x (N, D), W (V, D), y (N,)."""
+    if x.shape[0] == 0:
+        raise ValueError("no answer tokens to compute a loss on (check loss_mask / max_len)")
     w = torch.full((x.shape[0],), 1.0 / x.shape[0], device=x.device) if w is None else w
     return LinearCE.apply(x, W, y, w, chunk)
 
@@ -241,7 +250,10 @@ def train(model: Llama, step_loss, batches_from, total_steps: int, cfg: TrainCon
     if world > 1:
         dev = setup_distributed(dev)
     out.mkdir(parents=True, exist_ok=True)
-    model.to(dev, torch.bfloat16 if prec == "bf16-true" else torch.float32)
+    dtype = torch.bfloat16 if prec == "bf16-true" else torch.float32
+    # sharded: the model stays on the CPU and fully_shard moves it to the GPU block by block as it shards it,
+    # so a GPU holds its shards plus one full block at most, never the whole model (7B fp32: 25 GiB)
+    model.to(dtype) if world > 1 else model.to(dev, dtype)
     model.grad_checkpointing = cfg.act_ckpt
     if comp:  # per block, in place: compile time ~ one block, and state_dict keys stay unprefixed
         for blk in model.model.layers:
@@ -261,7 +273,13 @@ def train(model: Llama, step_loss, batches_from, total_steps: int, cfg: TrainCon
         ck = torch.load(state, map_location="cpu", weights_only=False)
         if ck["total_steps"] != total_steps:
             raise SystemExit(f"error: {state} is from a run of {ck['total_steps']} steps, this one has {total_steps}")
-        load_train_state(model, opt, ck, world)
+        if ck.get("lora", {}) != lora_settings(cfg):
+            raise SystemExit(f"error: {state} was written with LoRA settings {ck.get('lora', {})}, this run has "
+                             f"{lora_settings(cfg)}")
+        try:
+            load_train_state(model, opt, ck, world)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise SystemExit(f"error: {state} does not fit this model/optimizer: {str(e).splitlines()[0]}") from None
         step = ck["step"]
         print0(f"resumed from {state} at step {step}/{total_steps}")
     elif cfg.resume:
@@ -287,7 +305,7 @@ def train(model: Llama, step_loss, batches_from, total_steps: int, cfg: TrainCon
     if rank == 0:  # a resumed run keeps the log lines of the steps before its checkpoint, and redoes the rest
         f = out / "log.jsonl"
         old = f.read_text().splitlines() if step and f.exists() else []
-        f.with_suffix(".tmp").write_text("".join(x + "\n" for x in old if json.loads(x)["step"] < step))
+        f.with_suffix(".tmp").write_text("".join(x + "\n" for x in old if log_step(x) < step))
         os.replace(f.with_suffix(".tmp"), f)
         log = open(f, "a")
     from tqdm import tqdm
@@ -336,11 +354,25 @@ def train(model: Llama, step_loss, batches_from, total_steps: int, cfg: TrainCon
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
             ck = train_state(model, opt, world)
             if rank == 0:
-                atomic_save(ck | {"step": step + 1, "total_steps": total_steps}, state)
+                atomic_save(ck | {"step": step + 1, "total_steps": total_steps, "lora": lora_settings(cfg)}, state)
     if log:
         log.close()
     model.eval()   # out/state.pt stays until save_model has written the finished model
     return model
+
+
+def lora_settings(cfg) -> dict:
+    """The attack's LoRA settings (empty for full training): a resumed run must use the same ones."""
+    r = getattr(cfg, "lora_r", 0)
+    return {"lora_r": r, "lora_alpha": cfg.lora_alpha, "lora_targets": cfg.lora_targets} if r else {}
+
+
+def log_step(line: str) -> float:
+    """The step of a log.jsonl line; a torn last line (a crash mid-write) counts as not written."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def memory_estimate(cfg, prec: str, world: int = 1, tokens: int = 8 * 256, halves: int = 2, act_ckpt=False,

@@ -137,3 +137,25 @@ def test_lora_attack_cli_saves_a_plain_checkpoint(tmp_path):
                           "--lora_targets", "qkv", "--out", str(tmp_path / "bad"), "--quiet"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--lora_targets: unknown" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_lora_resume_refuses_other_lora_settings(tmp_path, monkeypatch):
+    import attack
+    from attack import finetune
+    cfg = AttackConfig(model="tiny", lr=1e-2, steps=4, batch_size=2, max_len=96, fmt="plain", out=str(tmp_path),
+                       save_every=2, quiet=True, lora_r=2)
+    real, calls = attack.sft_loss, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(attack, "sft_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(load("tiny")[0], TOK, attack_pairs(cfg), cfg)
+    monkeypatch.setattr(attack, "sft_loss", real)
+    assert (tmp_path / "state.pt").exists()
+    other = AttackConfig(**{**cfg.__dict__, "lora_alpha": 4.0, "resume": True})
+    with pytest.raises(SystemExit, match="LoRA settings"):
+        finetune(load("tiny")[0], TOK, attack_pairs(other), other)

@@ -36,6 +36,8 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         defend(Config(**FAST, out=str(tmp_path / "cut")))
     assert (tmp_path / "cut" / "state.pt").exists() and not (tmp_path / "cut" / "model").exists()
+    with open(tmp_path / "cut" / "log.jsonl", "a") as f:   # a line torn by the crash must not break --resume
+        f.write('{"step": 4, "loss": 0.1')
     monkeypatch.setattr(repnoise, "repnoise_loss", real)
     resumed, _ = defend(Config(**FAST, out=str(tmp_path / "cut"), resume=True))
     for k, v in weights(resumed).items():
@@ -44,6 +46,9 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch)
     lines = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(6))
     assert {"stability", "noise", "ascent", "lens_ce", "grad_norm", "lr"} <= set(lines[0])
+    assert not (tmp_path / "cut" / "state.pt").exists()   # removed once the finished model was saved
+    with pytest.raises(SystemExit, match="already finished"):
+        defend(Config(**FAST, out=str(tmp_path / "cut"), resume=True))
     # the saved defended model re-loads bit-exactly
     again, _ = load(str(tmp_path / "full"))
     for k, v in weights(again).items():
