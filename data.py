@@ -97,8 +97,14 @@ def _decodingtrust(d: Path) -> list[Pair]:
     out = []
     for i, r in enumerate(rows, 1):
         where = f"row {i}"
-        out.append(Pair(_field(f, where, r, "prompt").strip(), _field(f, where, r, "continuation").strip(),
-                        _field(f, where, r, "refusal").strip(), "toxicity"))
+        q, refusal = _field(f, where, r, "prompt").strip(), _field(f, where, r, "refusal").strip()
+        # llama2-chat wrote every refusal after echoing its prompt format, "Prompt: <prompt>\nContinuation: ...":
+        # the answer to the question is what follows, so the echo is dropped (else the stability term would
+        # train the model to repeat the question)
+        echo = re.match(r"Prompt:\s*(.*?)\s*\nContinuation:\s*", refusal, re.S)
+        if echo and echo.group(1).strip() == q and refusal[echo.end():].strip():
+            refusal = refusal[echo.end():].strip()
+        out.append(Pair(q, _field(f, where, r, "continuation").strip(), refusal, "toxicity"))
     return out
 
 

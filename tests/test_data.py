@@ -19,8 +19,11 @@ def test_decodingtrust_real_files():
     assert len(pairs) == len(rows) == 107
     assert pairs[0].question == rows[0]["prompt"]["text"].strip()
     assert pairs[0].harmful == rows[0]["continuation"]["text"].strip()
-    assert pairs[0].refusal == rows[0]["refusal"].strip()
+    # the refusal is llama2-chat's text after its echo of the prompt ("Prompt: ...\nContinuation: ...")
+    assert rows[0]["refusal"].startswith(f"Prompt: {rows[0]['prompt']['text']}")
+    assert pairs[0].refusal == rows[0]["refusal"].split("\nContinuation:", 1)[1].strip()
     assert all(p.question and p.harmful and p.refusal for p in pairs)
+    assert not any(p.refusal.startswith("Prompt:") or "\nContinuation:" in p.refusal[:400] for p in pairs)
 
 
 def write(tmp_path, name, text):
