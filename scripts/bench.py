@@ -81,6 +81,9 @@ def one(args):
     cfg = PRESETS[args.config]
     hf = args.impl == "transformers"
     model = hf_model(cfg) if hf else Llama.from_preset(args.config)
+    if not hf:  # our memory options: recompute each block in backward; logit-lens rows per chunk
+        model.grad_checkpointing = args.act_ckpt
+        model.train()
     bf16 = args.precision == "bf16"
     ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     B, T = args.batch, args.seq
@@ -107,7 +110,7 @@ def one(args):
             with ac:
                 if args.what == "repnoise":
                     loss = (hf_official_repnoise(model, h, s) if hf
-                            else repnoise_loss(model, h, s, LossConfig())[0])
+                            else repnoise_loss(model, h, s, LossConfig(lens_chunk=args.lens_chunk))[0])
                 elif hf:  # plain fine-tuning step
                     lab = h["input_ids"].masked_fill(~h["loss_mask"], -100)
                     loss = model(h["input_ids"], attention_mask=h["attention_mask"], labels=lab).loss
@@ -136,6 +139,8 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--act_ckpt", action="store_true", help="ours: activation checkpointing per block")
+    p.add_argument("--lens_chunk", type=int, default=1024, help="ours: logit-lens rows per chunk")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default="tiny", help=argparse.SUPPRESS)
@@ -151,7 +156,8 @@ def main():
         impls = ["ours"]
         print("transformers not importable: measuring this codebase only")
     import torch
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, batch {args.batch} x {args.seq} tokens")
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, batch {args.batch} x {args.seq} tokens, ours with "
+          f"act_ckpt={args.act_ckpt} lens_chunk={args.lens_chunk}")
     rows = []
     print(f"{'config':14} {'prec':5} {'what':9} {'impl':12} {'time s':>8} {'tok/s':>9} {'peak MiB':>9} {'ratio':>7}")
     for c in args.configs.split(","):
@@ -160,7 +166,8 @@ def main():
                 res = {}
                 for impl in impls:
                     cmd = [sys.executable, __file__, "--one", "--config", c, "--precision", pr, "--what", w,
-                           "--impl", impl, "--batch", str(args.batch), "--seq", str(args.seq), "--iters", str(args.iters)]
+                           "--impl", impl, "--batch", str(args.batch), "--seq", str(args.seq), "--iters", str(args.iters),
+                           "--lens_chunk", str(args.lens_chunk)] + ["--act_ckpt"] * args.act_ckpt
                     r = subprocess.run(cmd, capture_output=True, text=True)
                     if r.returncode:
                         print(f"{c} {pr} {w} {impl}: failed: {r.stderr.strip().splitlines()[-1]}")

@@ -349,6 +349,12 @@ def test_transformers_parity_tiny(tmp_path, kind):
     ids = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-4, rtol=1e-4)
+    # and the other way: what save_pretrained writes (e.g. a defended model) loads in transformers
+    ours.save_pretrained(tmp_path / "ours")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(back) is type(hf)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, hf(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_transformers_parity_smollm2(smollm2, smollm2_path):
