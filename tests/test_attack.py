@@ -68,7 +68,7 @@ def test_grid_resumes_finished_cells(tmp_path):
 
 @pytest.mark.slow
 def test_demo_defence_survives_the_demo_attack(tmp_path):
-    """The README's demo, as a user runs it (about 4 minutes on 2 cores): after the same attack, the defended
+    """The README's demo, as a user runs it (about 1.5 minutes on 2 cores): after the same attack, the defended
     model's harmful loss stays clearly above the undefended model's, and before the attack the defence keeps
     the harmless (refusal) loss near the undefended model's."""
     for script in ("repnoise.py", "attack.py", "evaluate.py"):
