@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import data
 from model import load
@@ -185,6 +184,7 @@ def grid(argv):
     lora = ""  # LoRA cells get folders named by all their settings: a resumed grid never mixes them up
     if a.lora_r:
         lora = f"-lora{a.lora_r}-a{a.lora_alpha:g}-" + "+".join(lora_targets(a.lora_targets))  # typos fail now
+    cell_name = lambda lr, n, seed: f"lr{lr:g}-n{n}-s{seed}{lora}"   # the folder and the grid.json key
     test = data.split(data.load_pairs(a.data), SPLIT, 0)["test"][:a.n_test]
     fmt, out = a.fmt or None, Path(a.out)
 
@@ -209,7 +209,7 @@ def grid(argv):
         for lr in lrs:
             for n in ns:
                 for seed in seeds:
-                    d = out / name / f"lr{lr:g}-n{n}-s{seed}{lora}"
+                    d = out / name / cell_name(lr, n, seed)
 
                     def make():
                         model, tok = load(m)
@@ -233,7 +233,7 @@ def grid(argv):
                     sd = statistics.stdev(v) if len(v) > 1 else 0.0
                     row.append(f"{statistics.mean(v):.3f} ± {sd:.3f}" if v else "-")
             print(f"{name:20}" + "".join(f"{c:>20}" for c in row))
-    flat = {name: {k if isinstance(k, str) else f"lr{k[0]:g}-n{k[1]}-s{k[2]}{lora}": v for k, v in r.items()}
+    flat = {name: {k if isinstance(k, str) else cell_name(*k): v for k, v in r.items()}
             for name, r in results.items()}
     (out / "grid.json").write_text(json.dumps({"data": a.data, "lrs": lrs, "ns": ns, "seeds": seeds,
                                                "lora": {"r": a.lora_r, "alpha": a.lora_alpha,
