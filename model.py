@@ -172,6 +172,27 @@ class KVCache:
 # -----------------------------------------------------------------------------
 # modules (names follow HF)
 
+class RMSNormFn(torch.autograd.Function):
+    """weight * (x * rsqrt(mean(x^2) + eps)), normalised in fp32 and cast back (as HF), storing only x and the
+    (..., 1) rsqrt for backward: plain autograd also stores the normalised x (~14% of a block's activations)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)          # (..., 1)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, r = ctx.saved_tensors
+        xn = x.float() * r                                                # recomputed normalised x
+        dw = (dy.float() * xn.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        g = dy.float() * weight.float()                                   # dL/dxn
+        dx = r * (g - xn * (g * xn).mean(-1, keepdim=True))
+        return dx.to(x.dtype), dw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -179,10 +200,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return RMSNormFn.apply(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -210,6 +228,42 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
+class SwiGLU(torch.autograd.Function):
+    """down(silu(x Wg^T) * (x Wu^T)) for training, storing only x and the two (.., ffn) projections g, u for
+    backward; silu(g) and the product are recomputed there (elementwise, cheap). Plain autograd stores four
+    ffn-wide tensors per token; this saves two, ~36% of a block's activations at SmolLM2's shape and ~40% at
+    Llama-2-7B's. Under autocast the matmuls run in the autocast dtype, as they would unfused."""
+
+    @staticmethod
+    def forward(ctx, x, wg, wu, wd):
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else wg.dtype
+        ctx.dtypes = x.dtype, wg.dtype
+        x, wg, wu, wd = x.to(dt), wg.to(dt), wu.to(dt), wd.to(dt)
+        with torch.autocast(dev, enabled=False):
+            g, u = x @ wg.T, x @ wu.T                                   # (..., ffn)
+            y = (F.silu(g) * u) @ wd.T                                  # (..., dim)
+        ctx.save_for_backward(x, wg, wu, wd, g, u)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, wg, wu, wd, g, u = ctx.saved_tensors
+        xdt, wdt = ctx.dtypes
+        dy = dy.to(g.dtype)
+        sg = torch.sigmoid(g)
+        s = g * sg                                                      # silu(g)
+        dh = dy @ wd                                                    # (..., ffn)
+        du = dh * s
+        dg = dh * u * (sg * (1 + g * (1 - sg)))                         # silu'(g) = sg (1 + g (1 - sg))
+        flat = lambda t: t.reshape(-1, t.shape[-1])
+        dx = (dg @ wg + du @ wu).to(xdt) if ctx.needs_input_grad[0] else None
+        dwg = (flat(dg).T @ flat(x)).to(wdt) if ctx.needs_input_grad[1] else None
+        dwu = (flat(du).T @ flat(x)).to(wdt) if ctx.needs_input_grad[2] else None
+        dwd = (flat(dy).T @ flat(s * u)).to(wdt) if ctx.needs_input_grad[3] else None
+        return dx, dwg, dwu, dwd
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -218,6 +272,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x):
+        p = (self.gate_proj, self.up_proj, self.down_proj)
+        if torch.is_grad_enabled() and all(type(m) is nn.Linear for m in p):  # training, no LoRA wrappers
+            return SwiGLU.apply(x, *(m.weight for m in p))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

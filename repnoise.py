@@ -63,18 +63,28 @@ class LinearCE(torch.autograd.Function):
         gx = torch.empty_like(x)                                                     # (N, D)
         need_gW = ctx.needs_input_grad[1]                                            # False for a frozen head
         gW = torch.zeros(W.shape, device=W.device, dtype=acc) if need_gW else None  # (V, D) accumulator
+        # one logits buffer for all chunks: a fresh (c, V) tensor per chunk is a fresh mmap on CPU (page faults)
+        buf = torch.empty(min(chunk, x.shape[0]), W.shape[0], device=x.device, dtype=mm)
         for s in range(0, x.shape[0], chunk):
             xc, yc = x[s:s + chunk].to(mm), y[s:s + chunk]
-            lsm = torch.log_softmax((xc @ Wm.T).to(acc), -1)                         # (c, V) log-probabilities
-            ce[s:s + chunk] = -lsm.gather(1, yc[:, None])[:, 0]
-            # softmax, in place. Probabilities below e^-80 become exactly 0: they would be fp32/bf16 denormals,
-            # which slow CPU matmuls ~70x (measured), and once the ascent term pushes the lens CE up they are common
-            g = lsm.masked_fill_(lsm < -80.0, -math.inf).exp_()
+            # softmax and its gradient in place in one (c, V) buffer (an out-of-place log_softmax and mask took ~2.3x
+            # the memory). Probabilities below e^-80 become exactly 0: they would be fp32/bf16 denormals, which
+            # slow CPU matmuls ~70x (measured), and once the ascent pushes the lens CE up they are common.
+            z = torch.matmul(xc, Wm.T, out=buf[:len(xc)]).to(acc)                    # (c, V) logits
+            z = z.sub_(z.amax(-1, keepdim=True))                                     # z - max <= 0
+            zy = z.gather(1, yc[:, None])[:, 0]
+            z = F.threshold_(z, -80.0, -math.inf).exp_()                             # exp(z - max), no denormals
+            se = z.sum(-1)
+            ce[s:s + chunk] = se.log() - zy                                          # CE = log sum exp - z_y
+            g = F.threshold_(z.div_(se[:, None]), math.exp(-80.0), 0.0)              # softmax, p < e^-80 -> 0
             g[torch.arange(len(yc), device=g.device), yc] -= 1                       # dCE/dlogits
             g = g.mul_(w[s:s + chunk, None].to(acc)).to(mm)
             gx[s:s + chunk] = g @ Wm
             if need_gW:
-                gW += g.T @ xc
+                if mm == acc:
+                    gW.addmm_(g.T, xc)          # in place: no (V, D) temporary per chunk
+                else:                           # bf16 product, fp32 accumulation (addmm_ cannot mix dtypes)
+                    gW += g.T @ xc
         ctx.save_for_backward(gx, gW.to(W.dtype) if need_gW else None)
         ctx.mark_non_differentiable(ce)
         return (ce * w).sum(), ce
@@ -82,7 +92,9 @@ class LinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _):
         gx, gW = ctx.saved_tensors
-        return gx * g, (gW * g if gW is not None else None), None, None, None
+        # in place: no second (V, D) tensor. Safe: a second backward through this graph (retain_graph) would
+        # fail autograd's saved-tensor version check instead of using the scaled values
+        return gx.mul_(g), (gW.mul_(g) if gW is not None else None), None, None, None
 
 
 def linear_ce(x, W, y, w=None, chunk=1024):
@@ -129,23 +141,24 @@ class LossConfig:
     lens_chunk: int = 1024      # logit-lens rows per chunk: memory ~ lens_chunk x vocab x 4 bytes at a time
 
 
-def repnoise_loss(model: Llama, harmful: dict, harmless: dict, cfg: LossConfig):
+def repnoise_loss(model: Llama, harmful: dict, harmless: dict, cfg: LossConfig, backward: float | None = None):
     """harmful / harmless: batches from data.collate (input_ids, attention_mask, loss_mask: (B, T)).
     Returns (total loss, dict of float terms). Two forwards (one per half); the LM head is applied only at
-    the answer positions, in chunks of cfg.lens_chunk rows, so (layers x batch x seq x vocab) logits never exist."""
+    the answer positions, in chunks of cfg.lens_chunk rows, so (layers x batch x seq x vocab) logits never exist.
+    backward=s (training): the harmful terms are back-propagated (times s) as soon as they are computed, so the
+    harmful activations are freed before the harmless forward: peak activations are one half's, not both. (Harmful
+    first: its lens temporaries are the larger, and with grad_accum=1 the parameter gradients do not exist yet.)
+    The returned total has the same value, but its graph covers only the stability term; call .backward()
+    (times s) on it as usual. The gradients equal those without it up to float summation order (tested)."""
     if cfg.mask == "diff":  # reproduce the official mask on both halves
         dm = diff_mask(harmful, harmless)
         harmful = dict(harmful, loss_mask=dm[:, :harmful["input_ids"].shape[1]])
         harmless = dict(harmless, loss_mask=dm[:, :harmless["input_ids"].shape[1]])
     if cfg.stability == "whole":
         harmless = dict(harmless, loss_mask=harmless["attention_mask"].bool())
-
-    # stability: CE of the harmless (refusal) answer tokens, next-token prediction
-    out = model(harmless["input_ids"], harmless["attention_mask"], logits=False, return_hidden=True)
-    b, t, y = answer_positions(harmless)
-    if len(y) == 0:
+    bh, th, yh = answer_positions(harmless)
+    if len(yh) == 0:
         raise ValueError("harmless batch has no answer tokens (check loss_mask / max_len)")
-    stability = lens_ce(model, out.hidden[-1][b, t], y, cfg.lens_chunk)
 
     # harmful forward: residual stream and MLP outputs
     out = model(harmful["input_ids"], harmful["attention_mask"], logits=False, return_hidden=True)
@@ -168,21 +181,32 @@ def repnoise_loss(model: Llama, harmful: dict, harmless: dict, cfg: LossConfig):
             g = torch.randn_like(x, dtype=torch.float32)
             if cfg.mmd_over != "tokens":
                 g = (g.view_as(m) * tm[..., None]).flatten(1)
-            noise = noise + mmd(x, g)
+            # recomputed in backward: otherwise each layer keeps ~10 (2N, 2N) kernel matrices (30 layers: ~0.3 GB)
+            noise = noise + (torch.utils.checkpoint.checkpoint(mmd, x, g, use_reentrant=False)
+                             if x.requires_grad else mmd(x, g))
         noise = noise / len(out.mlp)
 
     # ascent term: logit-lens CE on the harmful answer tokens at every residual layer, as one fused pass over
     # the stacked rows (bigger matmuls than one layer at a time); hidden[L] through the head = the final logits
     L1, N = len(out.hidden), len(y)
     xs = model.model.norm(torch.stack([h[b, t] for h in out.hidden]))     # (L+1, N, D): gathered before the head
+    del out
     w = torch.full((L1, N), 1.0 / (L1 * N), device=y.device)              # mean over tokens, then over layers
     if cfg.lens == "official":  # final logits counted once more, divided by the number of hidden states
         w[-1] *= 2
     lens_mean, rows = linear_ce(xs.flatten(0, 1), model.lm_head.weight, y.repeat(L1), w.flatten(), cfg.lens_chunk)
     ce = rows.view(L1, N).mean(1)                                          # (L+1,) per-layer CE, for logging
     ascent = torch.log(lens_mean + 1)
+    harm = cfg.beta * noise - cfg.alpha * ascent
+    if backward is not None and harm.requires_grad and torch.isfinite(harm):  # else train() reports it
+        (harm * backward).backward()
+        harm = harm.detach()
 
-    total = stability + cfg.beta * noise - cfg.alpha * ascent
+    # stability: CE of the harmless (refusal) answer tokens, next-token prediction
+    out = model(harmless["input_ids"], harmless["attention_mask"], logits=False, return_hidden=True)
+    stability = lens_ce(model, out.hidden[-1][bh, th], yh, cfg.lens_chunk)
+
+    total = stability + harm
     terms = {"loss": total.item(), "stability": stability.item(), "noise": noise.item() if torch.is_tensor(noise) else noise,
              "ascent": ascent.item(), "harmful_ce": ce[-1].item(), "lens_ce": lens_mean.item()}
     return total, terms
@@ -535,7 +559,8 @@ def defend(cfg: Config, model=None, tok=None):
     lcfg = LossConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(LossConfig)})
 
     def step_loss(m, batch):
-        return repnoise_loss(m, batch["harmful"], batch["harmless"], lcfg)
+        # the harmless half back-propagates inside (freeing its activations early); train() divides by grad_accum
+        return repnoise_loss(m, batch["harmful"], batch["harmless"], lcfg, backward=1 / cfg.grad_accum)
 
     if not cfg.quiet:
         print(f"RepNoise: {len(pairs)} pairs from {cfg.data!r}, {steps} steps, alpha={cfg.alpha} beta={cfg.beta} lr={cfg.lr}")

@@ -110,7 +110,7 @@ def one(args):
             with ac:
                 if args.what == "repnoise":
                     loss = (hf_official_repnoise(model, h, s) if hf
-                            else repnoise_loss(model, h, s, LossConfig(lens_chunk=args.lens_chunk))[0])
+                            else repnoise_loss(model, h, s, LossConfig(lens_chunk=args.lens_chunk), backward=1.0)[0])
                 elif hf:  # plain fine-tuning step
                     lab = h["input_ids"].masked_fill(~h["loss_mask"], -100)
                     loss = model(h["input_ids"], attention_mask=h["attention_mask"], labels=lab).loss

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from model import KVCache, Llama, ModelConfig, PRESETS, Tokenizer, generate, load, rope_inv_freq
@@ -364,6 +365,55 @@ def test_transformers_parity_smollm2(smollm2, smollm2_path):
     ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog, and then it runs away.")])
     with torch.no_grad():
         assert (m(ids).logits - hf(ids).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_swiglu_training_path_matches_plain_autograd(autocast):
+    """The training MLP (SwiGLU autograd.Function, which recomputes silu and the product in backward) against
+    the formula with plain autograd: output and the gradients of x and all three weights. fp64 to 1e-10; under
+    bf16 autocast against the unfused bf16 computation, to bf16 tolerance, and the gradients keep their dtypes."""
+    from model import SwiGLU
+    dt = torch.float32 if autocast else torch.float64
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g, dtype=dt, requires_grad=True)
+    ws = [(torch.randn(s, generator=g, dtype=dt) * 0.3).requires_grad_() for s in [(12, 8), (12, 8), (8, 12)]]
+    dy = torch.randn(2, 5, 8, generator=g, dtype=dt)
+    ref_in = [t.detach().clone().requires_grad_() for t in [x, *ws]]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = SwiGLU.apply(x, *ws)
+        xr, wg, wu, wd = ref_in
+        ref = (F.silu(xr @ wg.T) * (xr @ wu.T)) @ wd.T
+    y.backward(dy)
+    ref.backward(dy)
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-10, atol=1e-10)
+    assert y.dtype == ref.dtype
+    torch.testing.assert_close(y, ref, **tol)
+    for a, b in zip([x, *ws], ref_in):
+        assert a.grad.dtype == a.dtype
+        torch.testing.assert_close(a.grad, b.grad, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_plain_autograd(dtype):
+    """RMSNorm's autograd.Function (stores x and the rsqrt only) against HF's formula with plain autograd:
+    output and gradients of x and the weight; fp32 to 1e-5, bf16 inputs (fp32 normalisation) to bf16 tolerance."""
+    from model import RMSNorm
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 4, 16, generator=g, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    norm = RMSNorm(16, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16, generator=g))
+    dy = torch.randn(3, 4, 16, generator=g, dtype=torch.float64).to(dtype)
+    xr, wr = x.detach().clone().requires_grad_(), norm.weight.detach().clone().requires_grad_()
+    xf = xr.float()
+    ref = wr * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    y = norm(x)
+    y.backward(dy)
+    ref.backward(dy)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(y, ref, **tol)
+    torch.testing.assert_close(x.grad, xr.grad, **tol)
+    torch.testing.assert_close(norm.weight.grad, wr.grad, **tol)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -183,7 +183,9 @@ def test_fused_linear_ce_matches_autograd_on_full_logits(chunk):
     y = torch.randint(0, 13, (10,), generator=g)
     w = torch.rand(10, generator=g, dtype=torch.float64)
     loss, per_row = linear_ce(x, W, y, w, chunk)
-    (loss * 0.7).backward()                            # an upstream gradient != 1 must scale both gradients
+    (loss * 0.7).backward(retain_graph=True)           # an upstream gradient != 1 must scale both gradients
+    with pytest.raises(RuntimeError, match="inplace"):  # backward scales the stored gradients in place: a second
+        loss.backward()                                 # backward must fail loudly, not reuse scaled values
     ref_rows = F.cross_entropy(x.detach() @ W.detach().T, y, reduction="none")
     xr, Wr = x.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
     ref = (F.cross_entropy(xr @ Wr.T, y, reduction="none") * w).sum()
@@ -194,16 +196,20 @@ def test_fused_linear_ce_matches_autograd_on_full_logits(chunk):
     torch.testing.assert_close(W.grad, Wr.grad, rtol=1e-10, atol=1e-10)
 
 
-def test_loss_gradients_match_a_straightforward_implementation():
+@pytest.mark.parametrize("backward", [None, 0.5])
+def test_loss_gradients_match_a_straightforward_implementation(backward):
     """The fast loss (gather before the head, fused chunked CE, one stacked pass over layers) against the plain
     definition written here: full logits at every layer, per-layer masked CE loops, autograd. Values and the
-    gradient of every parameter must agree to float tolerance."""
+    gradient of every parameter must agree to float tolerance. backward=s: the training path, where the harmful
+    terms are back-propagated inside the loss (times s) and the caller back-propagates the rest (times s)."""
     model = tiny()
     harmful, harmless = make_pair(7)
     cfg = LossConfig(alpha=0.8, beta=0.5)
     torch.manual_seed(0)
-    total, _ = repnoise_loss(model, harmful, harmless, cfg)
-    total.backward()
+    total, _ = repnoise_loss(model, harmful, harmless, cfg, backward=backward)
+    if backward is not None:
+        assert all(p.grad is not None for p in model.parameters())   # the harmful half already went back
+    (total * (backward or 1)).backward()
     fast = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     torch.manual_seed(0)
@@ -212,7 +218,7 @@ def test_loss_gradients_match_a_straightforward_implementation():
     noise = sum(mmd(m[harmful["loss_mask"]], torch.randn(int(harmful["loss_mask"].sum()), m.shape[-1]))
                 for m in out.mlp) / len(out.mlp)
     ref = stab[-1] + 0.5 * noise - 0.8 * torch.log(1 + ce.mean())
-    ref.backward()
+    (ref * (backward or 1)).backward()
     assert total.item() == pytest.approx(ref.item(), rel=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(fast[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
