@@ -3,10 +3,15 @@
     python scripts/bench.py                         # tiny + smollm2-135m-shaped (random init), fp32 and bf16
     python scripts/bench.py --configs smollm2-135m --precisions bf16 --out bench.json
 
-Each measurement runs in its own subprocess so peak RSS is that measurement's own. When `transformers` is
+Each measurement runs in its own subprocess so peak RSS is that measurement's own. Peak RSS includes what glibc's
+malloc keeps after frees (here ~0.6 GiB of a RepNoise step); --live_mem adds a column measured in one more run per
+cell with MALLOC_MMAP_THRESHOLD_=65536, where every tensor above 64 KiB is its own mapping returned on free, so
+the peak is close to the live tensors' (the CUDA analogue: max_memory_allocated). The fp32 GEMM rate printed
+before and after the table shows how fast the machine was (shared CPUs vary). When `transformers` is
 importable, the same work is also done by transformers in the same run (a RepNoise step with the official
-semantics: hooks on every module, the LM head on every hidden state over the whole sequence), with ratios.
-"""
+semantics: hooks on every module, the LM head on every hidden state over the whole sequence), with ratios; our
+step then runs the same semantics (mmd_over="sequences", lens="official", the same masks) through the training
+path (the harmful half back-propagated before the harmless forward)."""
 import argparse
 import json
 import os
@@ -89,6 +94,8 @@ def one(args):
     B, T = args.batch, args.seq
     h, s = batch(cfg.vocab_size, B, T, 1), batch(cfg.vocab_size, B, T, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    # ours with the semantics of the transformers step (sequence-level MMD, official lens average; same masks)
+    same = LossConfig(mmd_over="sequences", lens="official", lens_chunk=args.lens_chunk)
 
     if args.what == "generate":
         model.eval()
@@ -110,7 +117,7 @@ def one(args):
             with ac:
                 if args.what == "repnoise":
                     loss = (hf_official_repnoise(model, h, s) if hf
-                            else repnoise_loss(model, h, s, LossConfig(lens_chunk=args.lens_chunk), backward=1.0)[0])
+                            else repnoise_loss(model, h, s, same, backward=1.0)[0])
                 elif hf:  # plain fine-tuning step
                     lab = h["input_ids"].masked_fill(~h["loss_mask"], -100)
                     loss = model(h["input_ids"], attention_mask=h["attention_mask"], labels=lab).loss
@@ -131,6 +138,20 @@ def one(args):
     print(json.dumps({"s": dt, "per_s": units / dt, "peak_mib": peak}))
 
 
+def gemm_rate():
+    """fp32 GFLOP/s of the logit-lens-shaped matmul (median of 5): the machine's speed at the time."""
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    a, b = torch.randn(1024, 576), torch.randn(576, 49152)
+    a @ b
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    return 2 * 1024 * 576 * 49152 / sorted(ts)[2] / 1e9
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="tiny,smollm2-135m")
@@ -141,6 +162,7 @@ def main():
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--act_ckpt", action="store_true", help="ours: activation checkpointing per block")
     p.add_argument("--lens_chunk", type=int, default=1024, help="ours: logit-lens rows per chunk")
+    p.add_argument("--live_mem", action="store_true", help="also measure the live-tensor peak (one more run per cell)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default="tiny", help=argparse.SUPPRESS)
@@ -158,8 +180,11 @@ def main():
     import torch
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, batch {args.batch} x {args.seq} tokens, ours with "
           f"act_ckpt={args.act_ckpt} lens_chunk={args.lens_chunk}")
+    gemm = [gemm_rate()]
+    print(f"fp32 GEMM 1024x576 @ 576x49152: {gemm[0]:.0f} GFLOP/s")
     rows = []
-    print(f"{'config':14} {'prec':5} {'what':9} {'impl':12} {'time s':>8} {'tok/s':>9} {'peak MiB':>9} {'ratio':>7}")
+    print(f"{'config':14} {'prec':5} {'what':9} {'impl':12} {'time s':>8} {'tok/s':>9} {'peak MiB':>9} "
+          f"{'live MiB':>9} {'ratio':>7}")
     for c in args.configs.split(","):
         for pr in args.precisions.split(","):
             for w in args.what.split(","):
@@ -173,14 +198,23 @@ def main():
                         print(f"{c} {pr} {w} {impl}: failed: {r.stderr.strip().splitlines()[-1]}")
                         continue
                     res[impl] = json.loads(r.stdout.strip().splitlines()[-1])
+                    if args.live_mem and w != "generate":
+                        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+                        live = subprocess.run([*cmd[:cmd.index("--iters")], "--iters", "1", *cmd[cmd.index("--iters") + 2:]],
+                                              capture_output=True, text=True, env=env)
+                        if live.returncode == 0:
+                            res[impl]["live_mib"] = json.loads(live.stdout.strip().splitlines()[-1])["peak_mib"]
                     ratio = ""
                     if impl == "transformers" and "ours" in res:
                         ratio = f"{res['transformers']['s'] / res['ours']['s']:.2f}x"
                     m = res[impl]
-                    print(f"{c:14} {pr:5} {w:9} {impl:12} {m['s']:8.3f} {m['per_s']:9.0f} {m['peak_mib']:9.0f} {ratio:>7}")
+                    lm = f"{m['live_mib']:9.0f}" if "live_mib" in m else f"{'':9}"
+                    print(f"{c:14} {pr:5} {w:9} {impl:12} {m['s']:8.3f} {m['per_s']:9.0f} {m['peak_mib']:9.0f} {lm} {ratio:>7}")
                     rows.append({"config": c, "precision": pr, "what": w, "impl": impl, **m})
+    gemm.append(gemm_rate())
+    print(f"fp32 GEMM 1024x576 @ 576x49152 after the table: {gemm[1]:.0f} GFLOP/s")
     Path(args.out).write_text(json.dumps({"torch": torch.__version__, "batch": args.batch, "seq": args.seq,
-                                          "rows": rows}, indent=2))
+                                          "gemm_gflops_before_after": gemm, "rows": rows}, indent=2))
     print(f"wrote {args.out}  (ratio = transformers time / ours; >1 means this codebase is faster)")
 
 
