@@ -309,12 +309,13 @@ def train(model: Llama, step_loss, batches_from, total_steps: int, cfg: TrainCon
     elif cfg.resume:
         print0(f"no {state} to resume from: starting from step 0")
     if not cfg.quiet:
-        rn = hasattr(cfg, "mmd_tokens")  # RepNoise: two forwards and the MMD; the attack: one forward
-        e = memory_estimate(model.cfg, prec, world, cfg.batch_size * getattr(cfg, "max_len", 256), 2 if rn else 1,
-                            cfg.act_ckpt, getattr(cfg, "mmd_tokens", 0))
+        rn = hasattr(cfg, "mmd_tokens")  # RepNoise: the stacked lens rows and the MMD too
+        e = memory_estimate(model.cfg, prec, world, cfg.batch_size * getattr(cfg, "max_len", 256), rn,
+                            cfg.act_ckpt, getattr(cfg, "mmd_tokens", 0), getattr(cfg, "lens_chunk", 1024))
         print0(f"memory estimate per device ({e['params_b']:.2f}B params, {prec}, world {world}): "
                f"weights {e['weights']:.1f} + grads {e['grads']:.1f} + AdamW {e['adam']:.1f} + bf16 copies "
-               f"{e['bf16_copies']:.1f} + activations <= {e['activations']:.1f} + MMD {e['mmd']:.1f} "
+               f"{e['bf16_copies']:.1f} + activations <= {e['activations']:.1f} + head/lens {e['lens']:.1f} + "
+               f"MMD {e['mmd']:.1f} "
                f"= {e['total']:.1f} GiB")
     if rank == 0:
         (out / "run.json").write_text(json.dumps(run_info | {
@@ -399,27 +400,36 @@ def log_step(line: str) -> float:
         return math.inf
 
 
-def memory_estimate(cfg, prec: str, world: int = 1, tokens: int = 8 * 256, halves: int = 2, act_ckpt=False,
-                    mmd_tokens: int = 1024) -> dict:
-    """Rough GiB per device: weights, grads and AdamW state (sharded over `world` by FSDP2); the bf16 weight
-    copies (autocast's cache in one process, FSDP2's gathered block and its prefetch otherwise); activations for
-    `tokens` tokens per micro-batch and forward (~34 * dim bytes per token per layer in 16-bit, Korthikanti et al.
-    2022, with fused attention; x2 in fp32; RepNoise runs 2 forwards: halves=2); and the noise term's MMD, which
-    keeps ~6 (2N x 2N) fp32 kernel matrices per layer for backward, N = min(mmd_tokens, tokens)."""
+def memory_estimate(cfg, prec: str, world: int = 1, tokens: int = 8 * 256, repnoise: bool = True, act_ckpt=False,
+                    mmd_tokens: int = 1024, lens_chunk: int = 1024) -> dict:
+    """Rough GiB per device for a micro-batch of `tokens` tokens per half:
+    - weights, grads and AdamW state, sharded over `world` by FSDP2;
+    - the bf16 weight copies (autocast's cache in one process; FSDP2's gathered block and its prefetch otherwise);
+    - activations of one forward (RepNoise back-propagates the harmful half before the harmless forward): a block
+      stores 6 dim + 2 kv_dim + 2 ffn values per token (norm and attention inputs, q/k/v, attention output, the
+      MLP's two ffn-wide projections; see model.SwiGLU / RMSNormFn), or only its input with act_ckpt plus one
+      block being recomputed; 16-bit under bf16, else 32-bit;
+    - the fused head CE: one (lens_chunk x vocab) logits block and the fp32 (vocab x dim) head gradient; for
+      RepNoise also the stacked (L+1) answer rows, their norm and gradient (answer tokens assumed <= half the
+      tokens); and RepNoise's MMD: its
+      noise samples per layer plus ~6 (2N x 2N) fp32 kernels of the layer being computed, N = min(mmd_tokens, tokens).
+    Not counted: allocator fragmentation and the CUDA context (leave ~10%)."""
     with torch.device("meta"):  # shapes only: nothing is allocated
         model = Llama(cfg)
         n = sum(p.numel() for p in model.parameters())
         per_block = sum(p.numel() for p in model.model.layers[0].parameters())
     w = 2 if prec == "bf16-true" else 4
     act_b = 2 if prec.startswith("bf16") else 4
-    dim, layers = cfg.dim, cfg.n_layers
+    dim, layers, V = cfg.dim, cfg.n_layers, cfg.vocab_size
+    per_tok = 6 * dim + 2 * cfg.n_kv_heads * cfg.head_dim + 2 * cfg.ffn_dim        # values a block stores per token
     g = 2 ** 30
     k = 2 * min(mmd_tokens or tokens, tokens)
     est = {"params_b": n / 1e9, "weights": n * w / world / g, "grads": n * w / world / g,
            "adam": n * 2 * w / world / g,
            "bf16_copies": (0 if prec != "bf16-mixed" else n * 2 / g if world == 1 else 2 * per_block * 2 / g),
-           "activations": halves * tokens * dim * act_b * (layers + 17 if act_ckpt else 17 * layers) / g,
-           "mmd": layers * (6 * k * k + 2 * k * dim) * 4 / g if halves == 2 else 0.0}
+           "activations": tokens * act_b * (layers * dim + per_tok if act_ckpt else layers * per_tok) / g,
+           "lens": (3 * (layers + 1) * tokens // 2 * dim * act_b * repnoise + (lens_chunk * V + V * dim) * 4) / g,
+           "mmd": (layers * k // 2 * dim + 6 * k * k) * 4 / g if repnoise else 0.0}
     est["total"] = sum(v for key, v in est.items() if key != "params_b")
     return est
 

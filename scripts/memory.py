@@ -4,8 +4,9 @@
     python scripts/memory.py --config PATH/config.json --tokens 4096
 
 An estimate, not a measurement (there is no GPU here): weights, gradients and AdamW state (sharded over the
-GPUs by FSDP2), activations of both RepNoise forwards, and the noise term's MMD kernels; plus allocator and
-CUDA-context overheads, which it does not count, so leave ~10% headroom.
+GPUs by FSDP2), the activations of one forward (RepNoise back-propagates one half before the other's forward),
+the logit-lens rows and fused-CE buffers, and the noise term's MMD; not the allocator's or the CUDA context's
+overheads, so leave ~10% headroom.
 """
 import argparse
 import json
@@ -31,7 +32,7 @@ cfg = ModelConfig.from_hf(json.loads(Path(a.config).read_text()) if a.config els
 gpus = [float(g) for g in a.gpus.split(",")]
 print(f"{cfg.n_layers} layers, dim {cfg.dim}, {a.tokens} tokens per micro-batch and half, mmd_tokens {a.mmd_tokens}")
 print(f"{'precision':11} {'act_ckpt':8} {'GPUs':>4} {'weights':>8} {'grads':>7} {'AdamW':>7} {'bf16':>6} {'activ.':>7}"
-      f" {'MMD':>6}"
+      f" {'lens':>6} {'MMD':>6}"
       f" {'total GiB':>9}  fits on (GiB per GPU, with 10% headroom)")
 for prec in ("bf16-mixed", "bf16-true"):
     for ckpt in (False, True):
@@ -39,5 +40,5 @@ for prec in ("bf16-mixed", "bf16-true"):
             e = memory_estimate(cfg, prec, world, a.tokens, act_ckpt=ckpt, mmd_tokens=a.mmd_tokens)
             fits = ",".join(f"{g:g}" for g in gpus if e["total"] <= 0.9 * g) or "-"
             print(f"{prec:11} {str(ckpt):8} {world:>4} {e['weights']:8.1f} {e['grads']:7.1f} {e['adam']:7.1f} "
-                  f"{e['bf16_copies']:6.1f} {e['activations']:7.1f} {e['mmd']:6.1f} {e['total']:9.1f}  {fits}")
+                  f"{e['bf16_copies']:6.1f} {e['activations']:7.1f} {e['lens']:6.1f} {e['mmd']:6.1f} {e['total']:9.1f}  {fits}")
 print(f"parameters: {e['params_b']:.3f}B")
