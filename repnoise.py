@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import data
 from model import Llama, load
@@ -65,18 +66,23 @@ class LinearCE(torch.autograd.Function):
         gW = torch.zeros(W.shape, device=W.device, dtype=acc) if need_gW else None  # (V, D) accumulator
         # one logits buffer for all chunks: a fresh (c, V) tensor per chunk is a fresh mmap on CPU (page faults)
         buf = torch.empty(min(chunk, x.shape[0]), W.shape[0], device=x.device, dtype=mm)
+        # probabilities below `cut` become exactly 0: they would be fp32/bf16 denormals once multiplied by the row
+        # weight w (~1/(layers x tokens)), and denormals slow CPU matmuls ~70x (measured; once the ascent pushes the
+        # lens CE up they are common). e^-80 <= cut <= e^-60: the dropped mass is < vocab x e^-60 ~ 1e-22
+        wpos = w[w > 0]
+        cut = math.exp(-80.0) if len(wpos) == 0 else \
+            min(max(math.exp(-80.0), torch.finfo(acc).tiny / float(wpos.min())), math.exp(-60.0))
         for s in range(0, x.shape[0], chunk):
             xc, yc = x[s:s + chunk].to(mm), y[s:s + chunk]
             # softmax and its gradient in place in one (c, V) buffer (an out-of-place log_softmax and mask took ~2.3x
-            # the memory). Probabilities below e^-80 become exactly 0: they would be fp32/bf16 denormals, which
-            # slow CPU matmuls ~70x (measured), and once the ascent pushes the lens CE up they are common.
+            # the memory)
             z = torch.matmul(xc, Wm.T, out=buf[:len(xc)]).to(acc)                    # (c, V) logits
             z = z.sub_(z.amax(-1, keepdim=True))                                     # z - max <= 0
             zy = z.gather(1, yc[:, None])[:, 0]
             z = F.threshold_(z, -80.0, -math.inf).exp_()                             # exp(z - max), no denormals
             se = z.sum(-1)
             ce[s:s + chunk] = se.log() - zy                                          # CE = log sum exp - z_y
-            g = F.threshold_(z.div_(se[:, None]), math.exp(-80.0), 0.0)              # softmax, p < e^-80 -> 0
+            g = F.threshold_(z.div_(se[:, None]), cut, 0.0)                          # softmax, p < cut -> 0
             g[torch.arange(len(yc), device=g.device), yc] -= 1                       # dCE/dlogits
             g = g.mul_(w[s:s + chunk, None].to(acc)).to(mm)
             gx[s:s + chunk] = g @ Wm
@@ -185,6 +191,7 @@ def repnoise_loss(model: Llama, harmful: dict, harmless: dict, cfg: LossConfig, 
             noise = noise + (torch.utils.checkpoint.checkpoint(mmd, x, g, use_reentrant=False)
                              if x.requires_grad else mmd(x, g))
         noise = noise / len(out.mlp)
+        del m, x, g                                                # the last layer's MMD inputs
 
     # ascent term: logit-lens CE on the harmful answer tokens at every residual layer, as one fused pass over
     # the stacked rows (bigger matmuls than one layer at a time); hidden[L] through the head = the final logits
@@ -198,18 +205,22 @@ def repnoise_loss(model: Llama, harmful: dict, harmless: dict, cfg: LossConfig, 
     ce = rows.view(L1, N).mean(1)                                          # (L+1,) per-layer CE, for logging
     ascent = torch.log(lens_mean + 1)
     harm = cfg.beta * noise - cfg.alpha * ascent
-    if backward is not None and harm.requires_grad and torch.isfinite(harm):  # else train() reports it
-        (harm * backward).backward()
+    terms = {"noise": noise.item() if torch.is_tensor(noise) else noise, "ascent": ascent.item(),
+             "harmful_ce": ce[-1].item(), "lens_ce": lens_mean.item()}
+    if backward is not None and harm.requires_grad:
+        if not torch.isfinite(harm):  # stop before the harmless forward; train() reports the non-finite loss
+            return harm, {"loss": harm.item(), **terms}
+        with torch.autocast(harm.device.type, enabled=False):  # backward outside autocast, as PyTorch advises
+            (harm * backward).backward()
         harm = harm.detach()
+        del xs, rows                                           # nothing of the harmful half outlives its backward
 
     # stability: CE of the harmless (refusal) answer tokens, next-token prediction
     out = model(harmless["input_ids"], harmless["attention_mask"], logits=False, return_hidden=True)
     stability = lens_ce(model, out.hidden[-1][bh, th], yh, cfg.lens_chunk)
 
     total = stability + harm
-    terms = {"loss": total.item(), "stability": stability.item(), "noise": noise.item() if torch.is_tensor(noise) else noise,
-             "ascent": ascent.item(), "harmful_ce": ce[-1].item(), "lens_ce": lens_mean.item()}
-    return total, terms
+    return total, {"loss": total.item(), "stability": stability.item(), **terms}
 
 
 # -----------------------------------------------------------------------------
@@ -405,30 +416,35 @@ def memory_estimate(cfg, prec: str, world: int = 1, tokens: int = 8 * 256, repno
     """Rough GiB per device for a micro-batch of `tokens` tokens per half:
     - weights, grads and AdamW state, sharded over `world` by FSDP2;
     - the bf16 weight copies (autocast's cache in one process; FSDP2's gathered block and its prefetch otherwise);
-    - activations of one forward (RepNoise back-propagates the harmful half before the harmless forward): a block
-      stores 6 dim + 2 kv_dim + 2 ffn values per token (norm and attention inputs, q/k/v, attention output, the
-      MLP's two ffn-wide projections; see model.SwiGLU / RMSNormFn), or only its input with act_ckpt plus one
-      block being recomputed; 16-bit under bf16, else 32-bit;
+    - activations of one forward (RepNoise back-propagates the harmful half before the harmless forward). Per
+      token a block stores its two norm inputs (the residual stream), the q/k/v input, q, the attention output,
+      k and v, the MLP input and its two ffn-wide projections (model.SwiGLU, RMSNormFn): 6 dim + 2 kv_dim + 2 ffn
+      values; RepNoise also keeps each block's MLP output for the MMD. With act_ckpt: each block's input plus one
+      block being recomputed. Under single-process autocast (bf16-mixed, world 1) the residual stream stays fp32
+      and q/k/v each keep their own bf16 copy of their input; under FSDP2 everything is bf16;
     - the fused head CE: one (lens_chunk x vocab) logits block and the fp32 (vocab x dim) head gradient; for
       RepNoise also the stacked (L+1) answer rows, their norm and gradient (answer tokens assumed <= half the
-      tokens); and RepNoise's MMD: its
-      noise samples per layer plus ~6 (2N x 2N) fp32 kernels of the layer being computed, N = min(mmd_tokens, tokens).
+      tokens); and RepNoise's MMD: its noise samples per layer plus ~6 (2N x 2N) fp32 kernels of the layer being
+      computed, N = min(mmd_tokens, tokens).
     Not counted: allocator fragmentation and the CUDA context (leave ~10%)."""
     with torch.device("meta"):  # shapes only: nothing is allocated
         model = Llama(cfg)
         n = sum(p.numel() for p in model.parameters())
         per_block = sum(p.numel() for p in model.model.layers[0].parameters())
     w = 2 if prec == "bf16-true" else 4
-    act_b = 2 if prec.startswith("bf16") else 4
-    dim, layers, V = cfg.dim, cfg.n_layers, cfg.vocab_size
-    per_tok = 6 * dim + 2 * cfg.n_kv_heads * cfg.head_dim + 2 * cfg.ffn_dim        # values a block stores per token
+    act_b = 2 if prec.startswith("bf16") else 4                   # bytes of an activation
+    autocast1 = prec == "bf16-mixed" and world == 1
+    res_b = 4 if prec == "fp32" or autocast1 else 2               # bytes of the residual stream
+    dim, layers, V, kv = cfg.dim, cfg.n_layers, cfg.vocab_size, cfg.n_kv_heads * cfg.head_dim
+    block = (2 * dim * res_b + (3 if autocast1 else 1) * dim * act_b                  # norm inputs, q/k/v input
+             + (3 * dim + 2 * kv + 2 * cfg.ffn_dim) * act_b + repnoise * dim * act_b)  # bytes per token and block
     g = 2 ** 30
     k = 2 * min(mmd_tokens or tokens, tokens)
     est = {"params_b": n / 1e9, "weights": n * w / world / g, "grads": n * w / world / g,
            "adam": n * 2 * w / world / g,
            "bf16_copies": (0 if prec != "bf16-mixed" else n * 2 / g if world == 1 else 2 * per_block * 2 / g),
-           "activations": tokens * act_b * (layers * dim + per_tok if act_ckpt else layers * per_tok) / g,
-           "lens": (3 * (layers + 1) * tokens // 2 * dim * act_b * repnoise + (lens_chunk * V + V * dim) * 4) / g,
+           "activations": tokens * (layers * dim * res_b + block if act_ckpt else layers * block) / g,
+           "lens": (3 * (layers + 1) * tokens // 2 * dim * res_b * repnoise + (lens_chunk * V + V * dim) * 4) / g,
            "mmd": (layers * k // 2 * dim + 6 * k * k) * 4 / g if repnoise else 0.0}
     est["total"] = sum(v for key, v in est.items() if key != "params_b")
     return est
@@ -569,7 +585,7 @@ def defend(cfg: Config, model=None, tok=None):
     lcfg = LossConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(LossConfig)})
 
     def step_loss(m, batch):
-        # the harmless half back-propagates inside (freeing its activations early); train() divides by grad_accum
+        # the harmful half back-propagates inside (freeing its activations early); train() divides by grad_accum
         return repnoise_loss(m, batch["harmful"], batch["harmless"], lcfg, backward=1 / cfg.grad_accum)
 
     if not cfg.quiet:

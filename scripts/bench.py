@@ -13,6 +13,8 @@ semantics: hooks on every module, the LM head on every hidden state over the who
 step then runs the same semantics (mmd_over="sequences", lens="official", the same masks) through the training
 path (the harmful half back-propagated before the harmless forward)."""
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import os
 import resource
@@ -138,7 +140,33 @@ def one(args):
     print(json.dumps({"s": dt, "per_s": units / dt, "peak_mib": peak}))
 
 
-def gemm_rate():
+def decode_matmuls(config):
+    """Why generation is not 2x: the 7 x layers + 1 linears of one decode step at batch 8 (fp32), timed with the
+    weights as the model stores them (row-major, what both implementations use), column-major, and pre-packed by
+    MKL (a private op, what inductor's weight freezing uses on CPU). Median of 7 passes over all the weights."""
+    import torch
+    import torch.nn.functional as F
+    from model import Llama
+    torch.set_num_threads(os.cpu_count())
+    ws = [m.weight.data for m in Llama.from_preset(config).modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(8, w.shape[1]) for w in ws]
+    variants = {"row-major (as stored)": lambda: [F.linear(x, w) for x, w in zip(xs, ws)]}
+    cm = [w.T.contiguous().T for w in ws]
+    variants["column-major"] = lambda: [F.linear(x, w) for x, w in zip(xs, cm)]
+    if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
+        pk = [torch.ops.mkl._mkl_reorder_linear_weight(w, 8) for w in ws]
+        variants["MKL pre-packed"] = lambda: [torch.ops.mkl._mkl_linear(x, p, w, None, 8) for x, p, w in zip(xs, pk, ws)]
+    for name, f in variants.items():
+        f()
+        ts = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        print(f"{config} decode-step matmuls, batch 8, {len(ws)} linears, {name}: {sorted(ts)[3] * 1e3:.1f} ms")
+
+
+def gemm():
     """fp32 GFLOP/s of the logit-lens-shaped matmul (median of 5): the machine's speed at the time."""
     import torch
     torch.set_num_threads(os.cpu_count())
@@ -149,7 +177,7 @@ def gemm_rate():
         t0 = time.perf_counter()
         a @ b
         ts.append(time.perf_counter() - t0)
-    return 2 * 1024 * 576 * 49152 / sorted(ts)[2] / 1e9
+    print(2 * 1024 * 576 * 49152 / sorted(ts)[2] / 1e9)
 
 
 def main():
@@ -165,23 +193,35 @@ def main():
     p.add_argument("--live_mem", action="store_true", help="also measure the live-tensor peak (one more run per cell)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--gemm", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--decode_matmuls", action="store_true",
+                   help="only time one decode step's matmuls (batch 8) in three weight layouts, for --configs")
     p.add_argument("--config", default="tiny", help=argparse.SUPPRESS)
     p.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         return one(args)
-    try:
-        import transformers  # noqa: F401
-        impls = ["ours", "transformers"]
-    except ImportError:
-        impls = ["ours"]
+    if args.gemm:
+        return gemm()
+    if args.decode_matmuls:
+        for c in args.configs.split(","):
+            decode_matmuls(c)
+        return
+    # the parent imports neither torch nor transformers and allocates nothing: on Linux a child's peak RSS starts
+    # at its parent's, so a big parent would raise every small measurement
+    impls = ["ours", "transformers"] if importlib.util.find_spec("transformers") else ["ours"]
+    if len(impls) == 1:
         print("transformers not importable: measuring this codebase only")
-    import torch
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, batch {args.batch} x {args.seq} tokens, ours with "
+    tv = importlib.metadata.version("torch")
+    if len(impls) == 2:
+        tv += f", transformers {importlib.metadata.version('transformers')}"
+    print(f"torch {tv}, {os.cpu_count()} CPUs, batch {args.batch} x {args.seq} tokens, ours with "
           f"act_ckpt={args.act_ckpt} lens_chunk={args.lens_chunk}")
-    gemm = [gemm_rate()]
-    print(f"fp32 GEMM 1024x576 @ 576x49152: {gemm[0]:.0f} GFLOP/s")
+    gemm_rate = lambda: float(subprocess.run([sys.executable, __file__, "--gemm"], capture_output=True,
+                                             text=True, check=True).stdout)
+    rates = [gemm_rate()]
+    print(f"fp32 GEMM 1024x576 @ 576x49152: {rates[0]:.0f} GFLOP/s")
     rows = []
     print(f"{'config':14} {'prec':5} {'what':9} {'impl':12} {'time s':>8} {'tok/s':>9} {'peak MiB':>9} "
           f"{'live MiB':>9} {'ratio':>7}")
@@ -204,6 +244,8 @@ def main():
                                               capture_output=True, text=True, env=env)
                         if live.returncode == 0:
                             res[impl]["live_mib"] = json.loads(live.stdout.strip().splitlines()[-1])["peak_mib"]
+                        else:
+                            print(f"{c} {pr} {w} {impl}: live-memory run failed: {live.stderr.strip().splitlines()[-1]}")
                     ratio = ""
                     if impl == "transformers" and "ours" in res:
                         ratio = f"{res['transformers']['s'] / res['ours']['s']:.2f}x"
@@ -211,10 +253,10 @@ def main():
                     lm = f"{m['live_mib']:9.0f}" if "live_mib" in m else f"{'':9}"
                     print(f"{c:14} {pr:5} {w:9} {impl:12} {m['s']:8.3f} {m['per_s']:9.0f} {m['peak_mib']:9.0f} {lm} {ratio:>7}")
                     rows.append({"config": c, "precision": pr, "what": w, "impl": impl, **m})
-    gemm.append(gemm_rate())
-    print(f"fp32 GEMM 1024x576 @ 576x49152 after the table: {gemm[1]:.0f} GFLOP/s")
-    Path(args.out).write_text(json.dumps({"torch": torch.__version__, "batch": args.batch, "seq": args.seq,
-                                          "gemm_gflops_before_after": gemm, "rows": rows}, indent=2))
+    rates.append(gemm_rate())
+    print(f"fp32 GEMM 1024x576 @ 576x49152 after the table: {rates[1]:.0f} GFLOP/s")
+    Path(args.out).write_text(json.dumps({"torch": tv, "batch": args.batch, "seq": args.seq,
+                                          "gemm_gflops_before_after": rates, "rows": rows}, indent=2))
     print(f"wrote {args.out}  (ratio = transformers time / ours; >1 means this codebase is faster)")
 
 

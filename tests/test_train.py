@@ -116,16 +116,24 @@ def test_memory_estimate_on_llama2_7b():
     e = memory_estimate(cfg, "bf16-mixed", world=4, tokens=2048, mmd_tokens=1024)
     assert round(e["params_b"] * 1e9) == n
     assert e["weights"] + e["grads"] + e["adam"] == pytest.approx(16 * n / 4 / G)
-    # one half at a time; per token and block: 6 x 4096 (norm/attention inputs, q, out...) + 2 x 4096 (k, v: no GQA)
-    # + 2 x 11008 (gate and up projections) values of 2 bytes
-    assert e["activations"] == pytest.approx(2048 * 32 * (8 * 4096 + 2 * 11008) * 2 / G)
-    assert e["activations"] == pytest.approx(6.6875, abs=1e-4)                  # GiB, as in the README's table
+    # one half at a time; per token and block, 2 bytes each under FSDP2: 6 x 4096 (norm inputs, q/k/v input, q,
+    # attention output, MLP input) + 2 x 4096 (k, v: no GQA) + 2 x 11008 (gate and up) + 4096 (the MLP output
+    # kept for the MMD)
+    assert e["activations"] == pytest.approx(2048 * 32 * (9 * 4096 + 2 * 11008) * 2 / G)
+    assert e["activations"] == pytest.approx(7.1875, abs=1e-4)                  # GiB, as in the README's table
     # 33 stacked hidden states x 1024 answer rows x (rows, normed rows, gradient) in bf16; a 1024 x 32000 fp32
     # logits block; the fp32 32000 x 4096 head gradient
     assert e["lens"] == pytest.approx((3 * 33 * 1024 * 4096 * 2 + 1024 * 32000 * 4 + 32000 * 4096 * 4) / G)
     assert e["mmd"] == pytest.approx((32 * 1024 * 4096 + 6 * 2048 ** 2) * 4 / G)  # noise samples + one layer's kernels
     ck = memory_estimate(cfg, "bf16-mixed", world=4, tokens=2048, act_ckpt=True)
-    assert ck["activations"] == pytest.approx(2048 * (32 * 4096 + 8 * 4096 + 2 * 11008) * 2 / G)  # inputs + 1 block
+    assert ck["activations"] == pytest.approx(2048 * (32 * 4096 + 9 * 4096 + 2 * 11008) * 2 / G)  # inputs + 1 block
+    # one process under autocast: the residual stream (the two norm inputs) is fp32 and q/k/v each keep a bf16
+    # copy of their input: 2 x 4096 x 4 + (3 copies + q, attention output, MLP input and output) x 4096 x 2
+    # + (k, v) 2 x 4096 x 2 + 2 x 11008 x 2 bytes per token and block
     one = memory_estimate(cfg, "bf16-mixed", world=1, tokens=2048)
+    assert one["activations"] == pytest.approx(2048 * 32 * ((2 * 4 + 7 * 2) * 4096 + 2 * 4096 * 2 + 2 * 11008 * 2) / G)
+    # fp32 (CPU): 4 bytes each, the formula the SmolLM2 check in the README uses
+    f = memory_estimate(cfg, "fp32", world=1, tokens=2048, repnoise=False)
+    assert f["activations"] == pytest.approx(2048 * 32 * (8 * 4096 + 2 * 11008) * 4 / G)
     assert one["bf16_copies"] == pytest.approx(2 * n / G)                      # autocast's bf16 weight cache
     assert memory_estimate(cfg, "bf16-true", world=1, tokens=2048)["weights"] == pytest.approx(2 * n / G)
