@@ -257,11 +257,10 @@ class SwiGLU(torch.autograd.Function):
         x, wg, wu, wd, g, u = ctx.saved_tensors
         xdt, wdt = ctx.dtypes
         dy = dy.to(g.dtype)
-        sg = torch.sigmoid(g)
         s = F.silu(g)                                                   # bit-identical to the forward's
         dh = dy @ wd                                                    # (..., ffn)
         du = dh * s
-        dg = dh * u * (sg * (1 + g * (1 - sg)))                         # silu'(g) = sg (1 + g (1 - sg))
+        dg = torch.ops.aten.silu_backward(dh * u, g)                    # * silu'(g), one fused kernel as unfused
         flat = lambda t: t.reshape(-1, t.shape[-1])
         dx = (dg @ wg + du @ wu).to(xdt) if ctx.needs_input_grad[0] else None
         dwg = (flat(dg).T @ flat(x)).to(wdt) if ctx.needs_input_grad[1] else None
