@@ -241,3 +241,19 @@ def test_fused_linear_ce_with_extreme_logits():
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(W.grad, Wr.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_harmful_terms_stop_before_the_harmless_half(monkeypatch):
+    """In the training path a non-finite harmful term is returned at once (train() then stops with its one-line
+    error), without a backward of NaNs into the gradients and without running the harmless forward."""
+    import repnoise
+    model = tiny()
+    harmful, harmless = make_pair(3)
+    real = repnoise.linear_ce
+    monkeypatch.setattr(repnoise, "linear_ce", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape))
+    total, terms = repnoise_loss(model, harmful, harmless, LossConfig(), backward=1.0)
+    assert not torch.isfinite(total) and "stability" not in terms
+    assert calls == [harmful["input_ids"].shape]                      # the harmless forward never ran
+    assert all(p.grad is None for p in model.parameters())            # nothing was back-propagated
