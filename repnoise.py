@@ -9,6 +9,7 @@ harmful/refusal pairs (so it has harmful behaviour to remove), then defended. Ou
 `python repnoise.py --model PATH --data decodingtrust` defends a real checkpoint. See README.md.
 """
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -470,6 +471,9 @@ def setup_distributed(dev):
         dev = f"cuda:{local}"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+        # tear down while the interpreter is alive: gloo's worker threads otherwise abort the process at exit now
+        # and then ("terminate called without an active exception", seen once in ~15 CPU runs of the FSDP2 test)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return dev
 
 
