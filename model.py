@@ -178,11 +178,17 @@ class RMSNormFn(torch.autograd.Function):
     stores at SmolLM2's and Llama-2-7B's shapes)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def formula(x, weight, eps):
+        """The forward itself, also the inference path: (output, the (..., 1) rsqrt)."""
         xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)          # (..., 1)
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * (xf * r).to(x.dtype), r
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, r = RMSNormFn.formula(x, weight, eps)
         ctx.save_for_backward(x, weight, r)
-        return weight * (xf * r).to(x.dtype)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -204,8 +210,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         if torch.is_grad_enabled():
             return RMSNormFn.apply(x, self.weight, self.eps)
-        xf = x.float()  # inference (e.g. decoding): the same formula without autograd.Function's per-call cost
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return RMSNormFn.formula(x, self.weight, self.eps)[0]  # inference: no autograd.Function per-call cost
 
 
 class Attention(nn.Module):
