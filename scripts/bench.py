@@ -231,17 +231,16 @@ def main():
                 res = {}
                 for impl in impls:
                     cmd = [sys.executable, __file__, "--one", "--config", c, "--precision", pr, "--what", w,
-                           "--impl", impl, "--batch", str(args.batch), "--seq", str(args.seq), "--iters", str(args.iters),
+                           "--impl", impl, "--batch", str(args.batch), "--seq", str(args.seq),
                            "--lens_chunk", str(args.lens_chunk)] + ["--act_ckpt"] * args.act_ckpt
-                    r = subprocess.run(cmd, capture_output=True, text=True)
+                    r = subprocess.run(cmd + ["--iters", str(args.iters)], capture_output=True, text=True)
                     if r.returncode:
                         print(f"{c} {pr} {w} {impl}: failed: {r.stderr.strip().splitlines()[-1]}")
                         continue
                     res[impl] = json.loads(r.stdout.strip().splitlines()[-1])
                     if args.live_mem and w != "generate":
                         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-                        live = subprocess.run([*cmd[:cmd.index("--iters")], "--iters", "1", *cmd[cmd.index("--iters") + 2:]],
-                                              capture_output=True, text=True, env=env)
+                        live = subprocess.run(cmd + ["--iters", "1"], capture_output=True, text=True, env=env)
                         if live.returncode == 0:
                             res[impl]["live_mib"] = json.loads(live.stdout.strip().splitlines()[-1])["peak_mib"]
                         else:
