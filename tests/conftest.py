@@ -19,3 +19,17 @@ def smollm2_path():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: the full CPU demo (minutes); deselect with -m 'not slow'")
+
+
+def interrupt_at_call(monkeypatch, module, name, n):
+    """Make module.name raise KeyboardInterrupt on its n-th call (a crash in the middle of a run). Returns the
+    real function, to put back before resuming."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, dying)
+    return real

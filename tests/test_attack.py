@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import data
 from attack import AttackConfig, attack_pairs, sft_loss
-from conftest import ROOT
+from conftest import ROOT, interrupt_at_call
 from model import Tokenizer, load
 from repnoise import SPLIT
 
@@ -144,14 +144,7 @@ def test_lora_resume_refuses_other_lora_settings(tmp_path, monkeypatch):
     from attack import finetune
     cfg = AttackConfig(model="tiny", lr=1e-2, steps=4, batch_size=2, max_len=96, fmt="plain", out=str(tmp_path),
                        save_every=2, quiet=True, lora_r=2)
-    real, calls = attack.sft_loss, {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(attack, "sft_loss", dying)
+    real = interrupt_at_call(monkeypatch, attack, "sft_loss", 3)
     with pytest.raises(KeyboardInterrupt):
         finetune(load("tiny")[0], TOK, attack_pairs(cfg), cfg)
     monkeypatch.setattr(attack, "sft_loss", real)

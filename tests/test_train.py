@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import repnoise
-from conftest import ROOT
+from conftest import ROOT, interrupt_at_call
 from model import Llama, load
 from repnoise import Config, defend
 
@@ -25,14 +25,7 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch)
     full, _ = defend(Config(**FAST, out=str(tmp_path / "full")))
     ref = weights(full)
     # interrupt the second run during step 5 (after the step-4 checkpoint), then resume it
-    real, calls = repnoise.repnoise_loss, {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(repnoise, "repnoise_loss", dying)
+    real = interrupt_at_call(monkeypatch, repnoise, "repnoise_loss", 5)
     with pytest.raises(KeyboardInterrupt):
         defend(Config(**FAST, out=str(tmp_path / "cut")))
     assert (tmp_path / "cut" / "state.pt").exists() and not (tmp_path / "cut" / "model").exists()
